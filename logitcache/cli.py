@@ -1,0 +1,53 @@
+"""`logitcache` command line: produce, inspect and verify caches of teacher top-k distributions.
+
+Each subcommand lives in `logitcache/commands/<name>.py` with `add_arguments(parser)` and
+`run(args) -> int`; this file only wires them and turns user mistakes into one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from logitcache.errors import UserError
+
+COMMANDS = {
+    "produce": "run teachers over a corpus and write their top-k caches",
+    "inspect": "summarise a cache: teacher, k, windows, bytes/token, top-k mass",
+    "verify": "check every shard of a cache against its manifest's sha256 (exit 1 on any mismatch)",
+}
+
+
+def build_parser(prog: str, package: str, commands: dict[str, str], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in commands.items():
+        module = importlib.import_module(f"{package}.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def run_cli(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse and dispatch; a UserError becomes `prog: error: ...` on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("logitcache", "logitcache", COMMANDS, __doc__.splitlines()[0])
+    return run_cli("logitcache", parser, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
