@@ -179,9 +179,10 @@ def test_gradcheck_float64(kind: str, opts: dict) -> None:
     lps, tail = lps.double(), tail.double()
     mask = torch.tensor([True, False, True])
     student = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    opts = dict(opts)
     beta = opts.pop("beta", 0.5)
-    # distill_loss path (chunked, checkpointed) with CE mixed in exercises everything at once
     assert torch.autograd.gradcheck(lambda s: kd(kind, s, ids, lps, tail, mask, beta=beta, **opts), (student,))
+    # distill_loss with CE mixed in, chunked (3 rows in chunks of 2) and hence checkpointed
     assert torch.autograd.gradcheck(
         lambda s: distill_loss(s, ids, lps, tail, torch.tensor([1, 2, 3]), mask,
                                kind=kind, beta=beta, alpha_ce=0.3, chunk_size=2, **opts)[0],
@@ -242,6 +243,35 @@ def test_chunked_equals_unchunked(kind: str) -> None:
         torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-5, atol=1e-8)
         for key in met1:
             torch.testing.assert_close(met2[key], met1[key], rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunking_keeps_no_full_float32_buffers_for_backward(temperature: float) -> None:
+    # What autograd keeps between forward and backward: without chunking the float32
+    # [N, V] upcast/complement buffers; with chunking + checkpointing only the
+    # (bf16) input slices, the float32 buffers being recomputed chunk by chunk.
+    n, v = 32, 300
+    student = torch.randn(n, v).bfloat16().requires_grad_()
+    _, _, ids, lps, tail = setup(n=n, v=v, k=4, seed=15)
+    mask = torch.ones(n, dtype=torch.bool)
+    labels = torch.zeros(n, dtype=torch.long)
+
+    def saved_f32_vocab_bytes(chunk_size: int | None) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == v:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = distill_loss(student, ids, lps, tail, labels, mask,
+                                   alpha_ce=0.5, temperature=temperature, chunk_size=chunk_size)
+        loss.backward()
+        return sum(seen.values())
+
+    assert saved_f32_vocab_bytes(None) >= n * v * 4  # sanity: the hook sees them
+    assert saved_f32_vocab_bytes(8) == 0
 
 
 def test_distill_loss_mixes_kd_and_ce() -> None:
