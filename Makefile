@@ -1,0 +1,41 @@
+# Quick start: `make demo` (the whole pipeline on the embedded corpus) and `make test`.
+# Both create .venv and install everything; torch is pinned to the local CPU wheel unless
+# overridden, e.g. `make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+WORK       ?= work_dir
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip --disable-pip-version-check -q
+STAMP      := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean help
+
+help:
+	@echo "make demo   - corpus -> tokenizer -> teacher -> top-64 cache -> pruned student, CE vs KD table"
+	@echo "make test   - the test suite (includes real vLLM-on-CPU tests)"
+	@echo "make bench  - every scripts/bench_*.py --quick"
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) scripts/demo.py --work $(WORK)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not vllm"
+
+bench: install
+	@for b in scripts/bench_*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf $(WORK) .pytest_cache
