@@ -1,0 +1,302 @@
+"""Write the shards of one cache and keep its manifest, safely under crashes and concurrency.
+
+A `CacheWriter` owns nothing but a folder: every shard is written under a temporary name in that
+folder, fsynced and renamed into place, and only then listed in `manifest.json`, which is rewritten
+atomically while holding an exclusive `flock` on `.lock`. Several processes (one per GPU, say) may
+therefore write disjoint shards of one cache at the same time, and a crash at any point leaves a
+folder that the next run resumes: listed shards with the right size are skipped (`completed()`),
+anything else is written again, and stale temporary files are removed on open.
+
+Shard bytes depend only on the arrays (zstd level, row groups and Parquet options are fixed, and
+Parquet's `created_by` is the pyarrow version string, not a timestamp), so a resumed run writes the
+same files as an uninterrupted one with the same pyarrow.
+
+    writer = CacheWriter(cache_dir, header)          # header: the manifest without shards/complete
+    done = writer.completed()                       # indexes already written
+    for i in range(header["num_shards"]):
+        if i not in done:
+            writer.write_shard(i, input_ids=..., target_logprob=..., topk_ids=...,
+                               topk_logprobs=..., tail_logmass=...)
+    manifest = writer.finish()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache import format as fmt
+from logitcache.encodings import get_encoding
+from logitcache.errors import UserError
+
+ROW_GROUP_SIZE = 64
+DEFAULT_COMPRESSION_LEVEL = 3
+_SHARD_TMP_PREFIX = ".shard-"          # .shard-00003.parquet.tmp-<pid>
+_MANIFEST_TMP_PREFIX = f".{fmt.MANIFEST_NAME}.tmp-"   # written by format.atomic_write_json
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path | int) -> str:
+    """Streaming sha256 of a file (a path or an open descriptor, read from its start)."""
+    h = hashlib.sha256()
+    if isinstance(path, int):
+        os.lseek(path, 0, os.SEEK_SET)
+        while chunk := os.read(path, _HASH_CHUNK):
+            h.update(chunk)
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def expected_rows(manifest: dict, index: int) -> int:
+    """Windows held by shard `index`: `rows_per_shard`, fewer for the last one."""
+    rps, n = manifest["rows_per_shard"], manifest["data"]["num_windows"]
+    return max(0, min(rps, n - index * rps))
+
+
+@contextlib.contextmanager
+def manifest_lock(cache_dir: Path) -> Iterator[None]:
+    """Exclusive advisory lock on `<cache_dir>/.lock` for the duration of the block."""
+    fd = os.open(Path(cache_dir) / fmt.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # closing releases the flock
+
+
+class CacheWriter:
+    """Writer for one cache folder.
+
+    `header` is the manifest (docs/FORMAT.md) without `shards` and `complete`: `key`, `k`,
+    `rows_per_shard`, `num_shards`, `teacher`, `tokenizer`, `data` (with `seq_len`,
+    `num_windows`), `encoding` (`name`, `params`) and `producer`; `format` and `format_version` are
+    filled in. On open the folder is created if needed, stale temporary files are removed and the
+    manifest is created if absent. An existing manifest with another key (or another
+    `rows_per_shard`) is refused with a UserError; with the same key, its header is kept and its
+    shards are resumed.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, header: dict, *,
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+                 row_group_size: int = ROW_GROUP_SIZE):
+        self.cache_dir = Path(cache_dir)
+        self.compression_level = int(compression_level)
+        self.row_group_size = min(int(row_group_size), ROW_GROUP_SIZE)
+        if self.row_group_size < 1:
+            raise ValueError("row_group_size must be >= 1")
+        header = copy.deepcopy(dict(header))
+        header.pop("shards", None)
+        header.pop("complete", None)
+        header["format"] = fmt.FORMAT_NAME
+        header["format_version"] = fmt.FORMAT_VERSION
+        if "key" not in header:
+            raise ValueError("header needs a 'key'")
+        self.key = header["key"]
+        self.encoding = get_encoding(header["encoding"]["name"], header["encoding"].get("params"))
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with manifest_lock(self.cache_dir):
+            self._remove_stale_tmp()
+            if (self.cache_dir / fmt.MANIFEST_NAME).exists():
+                existing = fmt.load_manifest(self.cache_dir)
+                if existing["key"] != self.key:
+                    raise UserError(f"{self.cache_dir}: holds a cache with key {existing['key'][:16]}, "
+                                    f"not {self.key[:16]}; use another folder")
+                if existing["rows_per_shard"] != header["rows_per_shard"]:
+                    raise UserError(f"{self.cache_dir}: existing cache has rows_per_shard "
+                                    f"{existing['rows_per_shard']}, not {header['rows_per_shard']}")
+            else:
+                manifest = dict(header, shards=[], complete=header["num_shards"] == 0)
+                fmt.atomic_write_json(self.cache_dir / fmt.MANIFEST_NAME, manifest)
+                fmt.load_manifest(self.cache_dir)   # the header must make a valid manifest
+        self.manifest = fmt.load_manifest(self.cache_dir)
+        self.k = self.manifest["k"]
+        self.seq_len = self.manifest["data"]["seq_len"]
+        self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def completed(self, verify_hashes: bool = False) -> set[int]:
+        """Indexes of the shards listed in the manifest whose file exists with the listed size.
+
+        With `verify_hashes`, each such file is also re-hashed and must match its sha256. A file
+        that is missing, truncated, a symbolic link or corrupt is not counted: it will be
+        written again.
+        """
+        self.manifest = fmt.load_manifest(self.cache_dir)
+        done = set()
+        for entry in self.manifest["shards"]:
+            try:
+                path = fmt.shard_path(self.cache_dir, entry)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except (UserError, OSError):
+                continue
+            try:
+                if os.fstat(fd).st_size != entry["bytes"]:
+                    continue
+                if verify_hashes and sha256_file(fd) != entry["sha256"]:
+                    continue
+            finally:
+                os.close(fd)
+            done.add(entry["index"])
+        return done
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def table(self, index: int, *, input_ids: np.ndarray, target_logprob: np.ndarray,
+              topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail_logmass: np.ndarray,
+              window_ids: np.ndarray | None = None) -> pa.Table:
+        """Check the arrays of shard `index` and build its Arrow table (see `write_shard`)."""
+        m = self.manifest
+        if not (0 <= index < m["num_shards"]):
+            raise ValueError(f"shard index {index} outside 0..{m['num_shards'] - 1}")
+        rows, T, k = expected_rows(m, index), self.seq_len, self.k
+        first = index * m["rows_per_shard"]
+        shapes = {"input_ids": (input_ids, (rows, T + 1)), "target_logprob": (target_logprob, (rows, T)),
+                  "topk_ids": (topk_ids, (rows, T, k)), "topk_logprobs": (topk_logprobs, (rows, T, k)),
+                  "tail_logmass": (tail_logmass, (rows, T))}
+        for name, (arr, shape) in shapes.items():
+            if tuple(np.shape(arr)) != shape:
+                raise ValueError(f"shard {index}: {name} has shape {tuple(np.shape(arr))}, expected {shape}")
+        if window_ids is None:
+            window_ids = np.arange(first, first + rows, dtype=np.int64)
+        elif not np.array_equal(np.asarray(window_ids), np.arange(first, first + rows)):
+            raise ValueError(f"shard {index}: window_ids must be {first}..{first + rows - 1}")
+        inp = np.ascontiguousarray(input_ids, dtype=np.int32).reshape(rows, T + 1)
+        tgt = np.ascontiguousarray(target_logprob, dtype=np.float32).reshape(rows, T)
+        offs_in = pa.array(np.arange(rows + 1, dtype=np.int32) * (T + 1))
+        offs_t = pa.array(np.arange(rows + 1, dtype=np.int32) * T)
+        columns = {
+            fmt.COL_WINDOW_ID: pa.array(np.asarray(window_ids, dtype=np.int64)),
+            fmt.COL_INPUT_IDS: pa.ListArray.from_arrays(offs_in, pa.array(inp.reshape(-1), pa.int32())),
+            fmt.COL_TARGET_LOGPROB: pa.ListArray.from_arrays(offs_t, pa.array(tgt.reshape(-1), pa.float32())),
+        }
+        columns.update(self.encoding.encode(np.asarray(topk_ids), np.asarray(topk_logprobs),
+                                            np.asarray(tail_logmass)))
+        arrays = [columns[f.name].cast(f.type) if columns[f.name].type != f.type else columns[f.name]
+                  for f in self.schema]
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def write_shard(self, index: int, *, input_ids: np.ndarray, target_logprob: np.ndarray,
+                    topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail_logmass: np.ndarray,
+                    window_ids: np.ndarray | None = None) -> dict:
+        """Write shard `index` atomically and list it in the manifest; return its manifest entry.
+
+        Arrays (rows = the shard's window count, T = seq_len): `input_ids` [rows, T+1] int,
+        `target_logprob` [rows, T] float32, `topk_ids` [rows, T, k] int, `topk_logprobs`
+        [rows, T, k] float32 sorted descending, `tail_logmass` [rows, T] float32. `window_ids`
+        defaults to the shard's own range and must equal it if given.
+        Returns {name, index, first_window, rows, tokens, bytes, sha256}.
+        """
+        table = self.table(index, input_ids=input_ids, target_logprob=target_logprob,
+                           topk_ids=topk_ids, topk_logprobs=topk_logprobs,
+                           tail_logmass=tail_logmass, window_ids=window_ids)
+        name = fmt.shard_name(index)
+        final = self.cache_dir / name
+        tmp = self.cache_dir / f".{name}.tmp-{os.getpid()}"
+        # Create and lock the temporary file while holding .lock, so a writer opening the folder
+        # at this moment cannot mistake it for a crash leftover.
+        with manifest_lock(self.cache_dir):
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                self._write_parquet(table, f)
+                f.flush()
+                os.fsync(f.fileno())
+            size = os.fstat(fd).st_size
+            digest = sha256_file(fd)
+            os.replace(tmp, final)
+            fmt.fsync_dir(self.cache_dir)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        entry = {"name": name, "index": index, "first_window": index * self.manifest["rows_per_shard"],
+                 "rows": table.num_rows, "tokens": table.num_rows * self.seq_len,
+                 "bytes": size, "sha256": digest}
+        self._add_entry(entry)
+        return entry
+
+    def _write_parquet(self, table: pa.Table, sink) -> None:
+        list_columns = [f.name for f in self.schema if pa.types.is_list(f.type)]
+        scalar_columns = [f.name for f in self.schema if f.name not in list_columns]
+        pq.write_table(table, sink, row_group_size=self.row_group_size, compression="zstd",
+                       compression_level=self.compression_level, use_dictionary=False,
+                       write_statistics=scalar_columns, version="2.6")
+
+    def _add_entry(self, entry: dict) -> None:
+        with manifest_lock(self.cache_dir):
+            m = fmt.load_manifest(self.cache_dir)
+            if m["key"] != self.key:
+                raise UserError(f"{self.cache_dir}: manifest key changed to {m['key'][:16]} while "
+                                f"writing {self.key[:16]}")
+            shards = [e for e in m["shards"] if e["index"] != entry["index"]] + [entry]
+            shards.sort(key=lambda e: e["index"])
+            m["shards"] = shards
+            m["complete"] = [e["index"] for e in shards] == list(range(m["num_shards"]))
+            fmt.atomic_write_json(self.cache_dir / fmt.MANIFEST_NAME, m)
+            self.manifest = m
+
+    def finish(self) -> dict:
+        """Re-read and return the manifest; `complete` tells whether every planned shard is there."""
+        with manifest_lock(self.cache_dir):
+            m = fmt.load_manifest(self.cache_dir)
+            complete = [e["index"] for e in m["shards"]] == list(range(m["num_shards"]))
+            if complete != m["complete"]:
+                m["complete"] = complete
+                fmt.atomic_write_json(self.cache_dir / fmt.MANIFEST_NAME, m)
+        self.manifest = m
+        return copy.deepcopy(m)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    # -- crash leftovers -----------------------------------------------------------------------
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove temporary files of crashed writers (call with .lock held).
+
+        A live writer holds an exclusive flock on its shard's temporary file from creation (made
+        under .lock) to rename, so a file whose lock can be taken has no writer. Manifest
+        temporaries are only written under .lock, so any that exist now are stale.
+        """
+        for name in os.listdir(self.cache_dir):
+            path = self.cache_dir / name
+            if name.startswith(_MANIFEST_TMP_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            elif name.startswith(_SHARD_TMP_PREFIX) and ".parquet.tmp-" in name:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:   # a symlink named like a temporary: just drop it
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                except BlockingIOError:
+                    pass                           # a live writer is still on it
+                finally:
+                    os.close(fd)
