@@ -38,9 +38,14 @@ def make_header(*, k: int = 8, seq_len: int = 16, num_windows: int = 50, rows_pe
             "rows_per_shard": rows_per_shard, "num_shards": -(-num_windows // rows_per_shard)}
 
 
-def synthetic_windows(first: int, rows: int, seq_len: int, k: int, seed: int = 0) -> dict:
-    """Arrays of windows first..first+rows-1; each window's content depends only on its id."""
-    out = {n: [] for n in ("input_ids", "target_logprob", "topk_ids", "topk_logprobs", "tail_logmass")}
+def synthetic_windows(first: int, rows: int, seq_len: int, k: int, seed: int = 0,
+                      full: bool = False) -> dict:
+    """Arrays of windows first..first+rows-1; each window's content depends only on its id.
+
+    With `full`, the result also has `full_logprobs` [rows, seq_len, VOCAB] (not a shard column).
+    """
+    names = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs", "tail_logmass")
+    out = {n: [] for n in names + (("full_logprobs",) if full else ())}
     for w in range(first, first + rows):
         rng = np.random.default_rng([seed, w])
         ids = rng.integers(0, VOCAB, seq_len + 1)
@@ -52,13 +57,18 @@ def synthetic_windows(first: int, rows: int, seq_len: int, k: int, seed: int = 0
         top, rest = order[:, :k], order[:, k:]
         topv = np.take_along_axis(logp, top, -1)
         restv = np.take_along_axis(logits, rest, -1)
-        rm = restv.max(-1, keepdims=True)
-        tail = (rm[:, 0] + np.log(np.exp(restv - rm).sum(-1, dtype=np.float32)) - lse[:, 0]).astype(np.float32)
+        if rest.shape[1]:
+            rm = restv.max(-1, keepdims=True)
+            tail = (rm[:, 0] + np.log(np.exp(restv - rm).sum(-1, dtype=np.float32)) - lse[:, 0]).astype(np.float32)
+        else:                                   # k == vocabulary: nothing outside the top-k
+            tail = np.full(seq_len, -np.inf, dtype=np.float32)
         out["input_ids"].append(ids.astype(np.int32))
         out["target_logprob"].append(logp[np.arange(seq_len), ids[1:]])
         out["topk_ids"].append(top.astype(np.int64))
         out["topk_logprobs"].append(topv)
         out["tail_logmass"].append(tail)
+        if full:
+            out["full_logprobs"].append(logp)
     return {n: np.stack(v) for n, v in out.items()}
 
 
