@@ -1,0 +1,172 @@
+"""Train a student from a teacher's cache with tail-exact KD losses (the teacher never runs here).
+
+    trainer distill --student runs/student --cache work_dir/teacher-k64-0123abcd --out runs/kd \
+        --steps 2000 --eval-cache work_dir/teacher-heldout-k64-4567 --loss forward_kl
+
+The cache stores, per position, the teacher's top-k log-probs and the exact log-mass of the rest;
+the loss compares the student with it over those k + 1 outcomes (`--loss forward_kl`, `reverse_kl`
+or `jsd` with `--beta`), at `--temperature`, mixed with next-token CE by `--alpha-ce`.
+`--renormalize-topk` drops the tail bucket (biased; for comparison only). The student's float32
+log-softmax is computed `--logits-chunk` positions at a time.
+
+Before training, the student's tokenizer (saved in its folder) must have the cache's tokenizer
+fingerprint, its vocabulary must cover the tokenizer (padding columns are ignored with a warning),
+and --eval-cache / --eval-data must agree with each other and with the student's tokenizer.
+Everything else (schedule, checkpoints, --resume, torchrun DDP, OUT layout) is as in pretrain.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from logitcache.data import prepare_windows, tokenizer_fingerprint
+from logitcache.errors import UserError
+from logitcache.reader import CacheReader
+from trainer.config import LOSS_KINDS, LossConfig, RunConfig, add_train_arguments, train_config_from_args
+from trainer.data import CacheBatches, load_causal_lm, load_tokenizer, logits_vocab
+from trainer.evaluate import evaluate_cache, evaluate_windows
+from trainer.loop import init_distributed, preflight, train
+from trainer.losses import distill_loss
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--student", required=True, help="student checkpoint folder (weights, config, tokenizer)")
+    p.add_argument("--cache", required=True, help="teacher cache folder (logitcache produce)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seq-len", type=int, help="optional: must equal the cache's window length")
+    g = p.add_argument_group("loss")
+    d = LossConfig()
+    g.add_argument("--loss", choices=LOSS_KINDS, default=d.loss, help="divergence (default %(default)s)")
+    g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature (default %(default)s)")
+    g.add_argument("--alpha-ce", type=float, default=d.alpha_ce,
+                   help="weight of next-token CE: (1-a) KD + a CE (default %(default)s)")
+    g.add_argument("--renormalize-topk", action="store_true",
+                   help="drop the tail bucket and renormalise over the top-k (biased, for comparison)")
+    g.add_argument("--logits-chunk", type=int, default=d.logits_chunk,
+                   help="positions per float32 log-softmax chunk, 0 = all at once (default %(default)s)")
+    g = p.add_argument_group("held-out data")
+    g.add_argument("--eval-cache", help="held-out cache: CE and KL to the teacher every --eval-every steps")
+    g.add_argument("--eval-data", help="held-out corpus for CE (must be the --eval-cache's data if both given)")
+    g.add_argument("--work", default="work_dir", help="folder for packed --eval-data windows (default %(default)s)")
+    g.add_argument("--text-column", default="text", help="text column of jsonl/parquet --eval-data")
+    add_train_arguments(p)
+
+
+def _short(fp: str | None) -> str:
+    return (fp or "none")[:12]
+
+
+def check_cache(reader: CacheReader, student_fp: str, flag: str) -> None:
+    """The cache must come from the student's tokenizer: same ids for the same text."""
+    cache_fp = reader.manifest["tokenizer"].get("fingerprint")
+    if cache_fp != student_fp:
+        raise UserError(f"{flag} {reader.path}: made with tokenizer {_short(cache_fp)}..., the student's "
+                        f"tokenizer is {_short(student_fp)}...; distillation needs the same tokenizer")
+
+
+def run(args) -> int:
+    cfg = train_config_from_args(args)
+    loss_cfg = LossConfig(loss=args.loss, beta=args.beta, temperature=args.temperature, alpha_ce=args.alpha_ce,
+                          renormalize_topk=args.renormalize_topk, logits_chunk=args.logits_chunk)
+    loss_cfg.validate()
+
+    # ---- everything that can refuse the run, before any model is loaded
+    tokenizer = load_tokenizer(args.student, "--student")
+    student_fp = tokenizer_fingerprint(tokenizer)
+    reader = CacheReader(args.cache)
+    check_cache(reader, student_fp, "--cache")
+    if args.seq_len is not None and args.seq_len != reader.seq_len:
+        raise UserError(f"--seq-len {args.seq_len}: the cache {args.cache} has windows of {reader.seq_len} positions")
+    eval_reader = None
+    if args.eval_cache:
+        eval_reader = CacheReader(args.eval_cache)
+        check_cache(eval_reader, student_fp, "--eval-cache")
+        if eval_reader.seq_len != reader.seq_len:
+            print(f"trainer: note: --eval-cache has seq_len {eval_reader.seq_len}, --cache {reader.seq_len}",
+                  file=sys.stderr)
+    env = init_distributed(cfg.device)
+    warn = (lambda m: print(m, file=sys.stderr, flush=True)) if env.is_main else (lambda m: None)
+    if eval_reader is not None:
+        same_teacher = all(eval_reader.teacher.get(f) == reader.teacher.get(f)
+                           for f in ("config_sha256", "weights_fingerprint"))
+        if not same_teacher:
+            warn(f"trainer: warning: --eval-cache comes from teacher {eval_reader.teacher.get('name_or_path')}, "
+                 f"--cache from {reader.teacher.get('name_or_path')}; eval KL is to the former")
+        if eval_reader.manifest["data"]["fingerprint"] == reader.manifest["data"]["fingerprint"]:
+            warn("trainer: warning: --eval-cache holds the training windows; eval metrics are not held out")
+    eval_windows = None
+    if args.eval_data:
+        seq_len = eval_reader.seq_len if eval_reader is not None else reader.seq_len
+        for turn in ((0,) if env.world == 1 else (0, 1)):   # rank 0 tokenizes, the others load
+            if (turn == 0) == env.is_main:
+                eval_windows = prepare_windows(args.eval_data, tokenizer, seq_len, Path(args.work),
+                                               text_column=args.text_column)
+            if env.world > 1:
+                torch.distributed.barrier()
+        if eval_reader is not None:
+            want = eval_reader.manifest["data"]["fingerprint"]
+            if eval_windows.fingerprint != want:
+                raise UserError(f"--eval-data {args.eval_data}: its windows (fingerprint "
+                                f"{_short(eval_windows.fingerprint)}...) are not the data of --eval-cache "
+                                f"{args.eval_cache} ({_short(want)}...)")
+            eval_windows = None   # the eval cache holds the same windows: CE comes from it
+        elif eval_windows.fingerprint == reader.manifest["data"]["fingerprint"]:
+            warn("trainer: warning: --eval-data gives the training windows; eval CE is not held out")
+
+    run_cfg = RunConfig(command="distill", model=args.student, out=args.out, cache=args.cache,
+                        seq_len=reader.seq_len, work=args.work, eval_data=args.eval_data,
+                        eval_cache=args.eval_cache, save_dtype=args.save_dtype, data_fingerprint=reader.key,
+                        train=cfg, loss=loss_cfg)
+    run_cfg.validate()
+    preflight(run_cfg, args.resume, env.world)
+
+    model = load_causal_lm(args.student, "--student")
+    vocab = logits_vocab(model, tokenizer, "--student", warn)
+    teacher_vocab = reader.teacher.get("vocab_size")
+    if isinstance(teacher_vocab, int) and teacher_vocab > vocab:
+        warn(f"trainer: note: the teacher has {teacher_vocab} logit columns for a {vocab}-token tokenizer; "
+             "its ids are expected below the tokenizer's length")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and reader.seq_len > max_pos:
+        raise UserError(f"--cache seq_len {reader.seq_len} exceeds the student's max_position_embeddings {max_pos}")
+
+    source = CacheBatches(reader, cfg.batch_size, cfg.seed, env.rank, env.world, vocab_limit=vocab)
+    chunk = loss_cfg.logits_chunk or None
+
+    def loss_fn(logits: torch.Tensor, batch: dict):
+        labels = batch["labels"].reshape(-1)
+        n = labels.shape[0]
+        k = batch["topk_ids"].shape[-1]
+        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
+        return distill_loss(flat, batch["topk_ids"].reshape(n, k), batch["topk_logprobs"].reshape(n, k),
+                            batch["tail_logmass"].reshape(n), labels, torch.ones(n, dtype=torch.bool,
+                                                                                 device=labels.device),
+                            kind=loss_cfg.loss, alpha_ce=loss_cfg.alpha_ce, temperature=loss_cfg.temperature,
+                            renormalize_topk=loss_cfg.renormalize_topk, beta=loss_cfg.beta, chunk_size=chunk)
+
+    evaluate = None
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    if eval_reader is not None:
+        def evaluate(m):
+            return evaluate_cache(m, eval_reader, batch_size=eval_bs, device=env.device, vocab=vocab,
+                                  max_windows=cfg.eval_windows, chunk_size=chunk)
+    elif eval_windows is not None:
+        def evaluate(m):
+            return evaluate_windows(m, eval_windows.tokens, batch_size=eval_bs, device=env.device, vocab=vocab,
+                                    max_windows=cfg.eval_windows)
+
+    if env.is_main:
+        print(f"trainer: distilling {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
+              f"parameters) from {reader.teacher.get('name_or_path')} (k={reader.k}, {reader.num_windows} "
+              f"windows of {reader.seq_len}) with {loss_cfg.loss} for {cfg.steps} steps", file=sys.stderr,
+              flush=True)
+    summary = train(model, run=run_cfg, env=env, source=source, loss_fn=loss_fn, evaluate=evaluate,
+                    tokenizer=tokenizer, resume=args.resume)
+    if env.is_main:
+        print(json.dumps({k: summary[k] for k in ("step", "finished", "train", "eval") if k in summary}))
+    return 0

@@ -1,0 +1,135 @@
+"""Plain next-token training on packed token windows (a teacher from scratch, or more training).
+
+    trainer pretrain --model configs/tiny.json --tokenizer tok/ --data shakespeare:train \
+        --seq-len 256 --out runs/teacher --steps 2000 --eval-data shakespeare:heldout
+
+--model is a config JSON (a Hugging Face config with `model_type`; `vocab_size` defaults to the
+tokenizer's length) for a fresh model initialised from --seed, or a checkpoint folder to continue.
+Windows are tokenized once and kept under --work. OUT receives metrics.jsonl, run_config.json,
+checkpoint/ (every --save-every steps; --resume continues exactly) and, at the end, the model as a
+Hugging Face checkpoint with its tokenizer. Under torchrun every rank trains on its own windows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from logitcache.data import prepare_windows, tokenizer_fingerprint
+from logitcache.errors import UserError
+from trainer.config import RunConfig, add_train_arguments, train_config_from_args
+from trainer.data import WindowBatches, load_causal_lm, load_tokenizer, logits_vocab
+from trainer.evaluate import evaluate_windows
+from trainer.loop import init_distributed, preflight, train
+from trainer.losses import cross_entropy
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="config JSON (fresh model) or checkpoint folder (continue)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the one in the --model folder)")
+    p.add_argument("--data", required=True, help="training corpus: file, folder, glob, embedded name or hub id")
+    p.add_argument("--seq-len", type=int, default=256, help="positions per window (default %(default)s)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--work", default="work_dir", help="folder for packed windows (default %(default)s)")
+    p.add_argument("--max-windows", type=int, help="use at most this many training windows")
+    p.add_argument("--text-column", default="text", help="text column of jsonl/parquet data (default %(default)s)")
+    p.add_argument("--eval-data", help="held-out corpus for periodic CE (packed like --data)")
+    add_train_arguments(p)
+
+
+def build_model(spec: str, tokenizer, seed: int):
+    """A fresh model from a config JSON (seeded init) or a checkpoint loaded in float32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    if path.is_dir():
+        if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+            return load_causal_lm(path, "--model")
+        config = AutoConfig.from_pretrained(path)
+    elif path.is_file():
+        try:
+            d = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"--model {spec}: not a JSON config ({type(exc).__name__})") from None
+        if not isinstance(d, dict) or "model_type" not in d:
+            raise UserError(f"--model {spec}: config JSON needs a 'model_type' (e.g. \"llama\")")
+        d.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            d.setdefault(key, tokenizer.eos_token_id)
+        try:
+            config = AutoConfig.for_model(d.pop("model_type"), **d)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--model {spec}: invalid config ({exc})") from None
+    else:
+        raise UserError(f"--model {spec}: no such config file or checkpoint folder")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def run(args) -> int:
+    cfg = train_config_from_args(args)
+    if args.tokenizer is None and not Path(args.model).is_dir():
+        raise UserError("--tokenizer is required when --model is a config file")
+    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    if args.tokenizer and Path(args.model).is_dir() and (Path(args.model) / "tokenizer_config.json").is_file():
+        own = load_tokenizer(args.model, "--model")
+        if tokenizer_fingerprint(own) != tokenizer_fingerprint(tokenizer):
+            raise UserError(f"--tokenizer {args.tokenizer} differs from the tokenizer saved in --model {args.model}")
+
+    env = init_distributed(cfg.device)
+    warn = (lambda m: print(m, file=sys.stderr, flush=True)) if env.is_main else (lambda m: None)
+    # Rank 0 tokenizes first so the others load its windows instead of racing to write them.
+    windows = eval_windows = None
+    for turn in ((0,) if env.world == 1 else (0, 1)):
+        if (turn == 0) == env.is_main:
+            windows = prepare_windows(args.data, tokenizer, args.seq_len, Path(args.work),
+                                      text_column=args.text_column, max_windows=args.max_windows)
+            if args.eval_data:
+                eval_windows = prepare_windows(args.eval_data, tokenizer, args.seq_len, Path(args.work),
+                                               text_column=args.text_column)
+        if env.world > 1:
+            torch.distributed.barrier()
+    if eval_windows is not None and eval_windows.fingerprint == windows.fingerprint:
+        warn("trainer: warning: --eval-data gives the same windows as --data; the held-out CE is training CE")
+
+    run_cfg = RunConfig(command="pretrain", model=args.model, out=args.out, tokenizer=args.tokenizer,
+                        data=args.data, seq_len=args.seq_len, max_windows=args.max_windows, work=args.work,
+                        eval_data=args.eval_data, save_dtype=args.save_dtype,
+                        data_fingerprint=windows.fingerprint, train=cfg)
+    run_cfg.validate()
+    preflight(run_cfg, args.resume, env.world)
+
+    model = build_model(args.model, tokenizer, cfg.seed)
+    vocab = logits_vocab(model, tokenizer, "--model", warn)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+
+    source = WindowBatches(windows.tokens, cfg.batch_size, cfg.seed, env.rank, env.world)
+
+    def loss_fn(logits: torch.Tensor, batch: dict):
+        labels = batch["labels"].reshape(-1)
+        flat = logits[..., :vocab].reshape(labels.shape[0], -1)
+        mask = torch.ones_like(labels, dtype=torch.bool)
+        loss = cross_entropy(flat, labels, mask)
+        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+
+    evaluate = None
+    if eval_windows is not None:
+        def evaluate(m):
+            return evaluate_windows(m, eval_windows.tokens, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                    device=env.device, vocab=vocab, max_windows=cfg.eval_windows)
+
+    if env.is_main:
+        print(f"trainer: pretraining {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
+              f"parameters) on {windows.num_windows} windows of {args.seq_len} tokens "
+              f"for {cfg.steps} steps", file=sys.stderr, flush=True)
+    summary = train(model, run=run_cfg, env=env, source=source, loss_fn=loss_fn, evaluate=evaluate,
+                    tokenizer=tokenizer, resume=args.resume)
+    if env.is_main:
+        print(json.dumps({k: summary[k] for k in ("step", "finished", "train", "eval") if k in summary}))
+    return 0

@@ -1,0 +1,122 @@
+"""Held-out evaluation: next-token CE on windows, and KL to a teacher on a cache.
+
+`KL` is the tail-bucket forward KL(teacher || student) over the (k+1)-way distribution the cache
+defines (top-k tokens plus one bucket for the rest): exact for what the cache stores, and a lower
+bound on the full-vocabulary KL. CE is over the actual next token. Both are means over positions.
+
+Under DDP (`torch.distributed` initialised) each rank evaluates every `world`-th window and the
+sums are all-reduced, so every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.losses import distill_loss
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA only; CPU runs in float32 (CPU bf16 is slow and not what we test)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _reduce(sums: list[float], device: torch.device) -> list[float]:
+    rank, world = _rank_world()
+    if world == 1:
+        return sums
+    t = torch.tensor(sums, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _logits(model, window: torch.Tensor, vocab: int | None) -> torch.Tensor:
+    """Logits at every position of windows [B, T + 1] (the last token is only a target)."""
+    with autocast_for(window.device):
+        logits = model(input_ids=window[:, :-1], use_cache=False).logits
+    if vocab is not None and logits.shape[-1] > vocab:
+        logits = logits[..., :vocab]
+    return logits
+
+
+@torch.no_grad()
+def evaluate_windows(model, tokens: np.ndarray, *, batch_size: int = 8, device: torch.device | str = "cpu",
+                     vocab: int | None = None, max_windows: int | None = None) -> dict[str, float]:
+    """Mean next-token CE (nats/token) and perplexity over `tokens` [n, seq_len + 1]."""
+    device = torch.device(device)
+    rank, world = _rank_world()
+    n = len(tokens) if max_windows is None else min(len(tokens), max_windows)
+    mine = np.arange(rank, n, world)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for s in range(0, len(mine), batch_size):
+            x = torch.as_tensor(tokens[mine[s:s + batch_size]], dtype=torch.long, device=device)
+            logits = _logits(model, x, vocab).float()
+            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                   reduction="sum")
+            total += ce.item()
+            count += x[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    total, count = _reduce([total, float(count)], device)
+    ce = total / max(count, 1)
+    return {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "tokens": int(count)}
+
+
+@torch.no_grad()
+def evaluate_cache(model, reader, *, batch_size: int = 8, device: torch.device | str = "cpu",
+                   vocab: int | None = None, max_windows: int | None = None,
+                   chunk_size: int | None = 4096) -> dict[str, float]:
+    """CE on the cache's windows and forward KL(teacher || student) over the (k+1)-way buckets.
+
+    Reads the first `max_windows` windows of the cache in window order; under DDP rank r takes
+    every world-th batch.
+    """
+    device = torch.device(device)
+    rank, world = _rank_world()
+    limit = reader.num_windows if max_windows is None else min(reader.num_windows, max_windows)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64)   # kl, ce, teacher tail, student tail, positions
+    seen = 0
+    try:
+        for j, batch in enumerate(reader.iter_batches(batch_size)):
+            if seen >= limit:
+                break
+            take = min(len(batch["window_id"]), limit - seen)
+            seen += take
+            if j % world != rank:
+                continue
+            b = {k: v[:take].to(device) for k, v in batch.items()}
+            with autocast_for(device):
+                logits = model(input_ids=b["input_ids"], use_cache=False).logits
+            if vocab is not None and logits.shape[-1] > vocab:
+                logits = logits[..., :vocab]
+            n_pos = b["labels"].numel()
+            k = b["topk_ids"].shape[-1]
+            _, m = distill_loss(logits.reshape(n_pos, -1), b["topk_ids"].reshape(n_pos, k),
+                                b["topk_logprobs"].reshape(n_pos, k), b["tail_logmass"].reshape(n_pos),
+                                b["labels"].reshape(n_pos), torch.ones(n_pos, dtype=torch.bool, device=device),
+                                kind="forward_kl", chunk_size=chunk_size)
+            sums += torch.tensor([m["kd"].item(), m["ce"].item(), m["teacher_tail_mass"].item(),
+                                  m["student_tail_mass"].item(), 1.0], dtype=torch.float64) * n_pos
+    finally:
+        model.train(was_training)
+    kl, ce, tail_t, tail_s, count = _reduce(sums.tolist(), device)
+    c = max(count, 1)
+    return {"kl": kl / c, "ce": ce / c, "ppl": math.exp(min(ce / c, 50.0)),
+            "teacher_tail_mass": tail_t / c, "student_tail_mass": tail_s / c, "tokens": int(count)}
