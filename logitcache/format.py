@@ -106,11 +106,13 @@ def load_manifest(cache_dir: Path) -> dict:
     """
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST_NAME
+    if path.is_symlink():
+        raise UserError(f"{path}: manifest is a symbolic link; refusing to follow it")
     if not path.is_file():
         raise UserError(f"{cache_dir}: not a cache (no {MANIFEST_NAME})")
     try:
         m = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
     _require(isinstance(m, dict) and m.get("format") == FORMAT_NAME, path, "not a logitcache manifest")
     version = m.get("format_version")

@@ -620,13 +620,13 @@ def topk_stats(topk_logprobs: np.ndarray, tail_logmass: np.ndarray) -> tuple[np.
     rule, H(full) = H(coarse) + T * H(tail tokens | tail) >= H(coarse). So this entropy is a lower
     bound of the teacher's entropy, tight when the tail is small or concentrated on one token.
     """
-    lp = topk_logprobs.astype(np.float64)
+    floor = np.finfo(np.float64).min                 # -inf -> a finite floor: p = 0, p * log p = 0
+    lp = np.maximum(topk_logprobs.astype(np.float64), floor)
     p = np.exp(lp)
     mass = p.sum(-1)
-    tail = tail_logmass.astype(np.float64)
-    t = np.exp(tail)
-    t_term = np.where(t > 0, t * np.where(np.isfinite(tail), tail, 0.0), 0.0)
-    p_term = np.where(p > 0, p * np.where(np.isfinite(lp), lp, 0.0), 0.0).sum(-1)
+    p_term = np.einsum("...k,...k->...", p, lp)
+    tail = np.maximum(tail_logmass.astype(np.float64), floor)
+    t_term = np.exp(tail) * tail
     return mass, -(p_term + t_term)
 
 

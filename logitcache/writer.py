@@ -171,6 +171,13 @@ class CacheWriter:
         for name, (arr, shape) in shapes.items():
             if tuple(np.shape(arr)) != shape:
                 raise ValueError(f"shard {index}: {name} has shape {tuple(np.shape(arr))}, expected {shape}")
+        vocab = m["teacher"].get("vocab_size") if isinstance(m["teacher"], dict) else None
+        ids = np.asarray(topk_ids)
+        if ids.size and (ids.min() < 0 or (isinstance(vocab, int) and ids.max() >= vocab)):
+            raise ValueError(f"shard {index}: topk_ids outside 0..{vocab}")
+        for name in ("target_logprob", "topk_logprobs", "tail_logmass"):
+            if np.isnan(shapes[name][0]).any():
+                raise ValueError(f"shard {index}: {name} contains NaN")
         if window_ids is None:
             window_ids = np.arange(first, first + rows, dtype=np.int64)
         elif not np.array_equal(np.asarray(window_ids), np.arange(first, first + rows)):

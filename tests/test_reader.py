@@ -359,3 +359,26 @@ def test_inspect_k_equals_vocab_has_no_tail(tmp_path):
     info = inspect_cache(tmp_path)
     assert info["mean_topk_mass"] == pytest.approx(1.0, abs=1e-5)
     assert info["mean_tail_mass"] == 0.0 and np.isfinite(info["mean_entropy_lower_bound"])
+
+
+def test_hostile_manifest_files_are_one_line_errors(tmp_path, never_read):
+    write_cache(tmp_path / "c", make_header())
+    mpath = tmp_path / "c" / "manifest.json"
+    good = mpath.read_text()
+    mpath.unlink()
+    mpath.symlink_to(never_read)                                  # a manifest link is not followed
+    with pytest.raises(UserError, match="symbolic link"):
+        CacheReader(tmp_path / "c")
+    mpath.unlink()
+    mpath.write_text("[" * 100_000 + "]" * 100_000)               # deeply nested JSON
+    with pytest.raises(UserError, match="unreadable manifest"):
+        CacheReader(tmp_path / "c")
+    m = json.loads(good)
+    m["encoding"]["name"] = "no-such-codec"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="unknown encoding"):
+        CacheReader(tmp_path / "c")
+    m["encoding"] = {"name": "fp32", "params": {"bogus": 1}}
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="invalid parameters"):
+        CacheReader(tmp_path / "c")

@@ -219,3 +219,55 @@ def test_completed_ignores_truncated_missing_and_corrupt(tmp_path):
     for i in range(h["num_shards"]):
         assert (tmp_path / fmt.shard_name(i)).read_bytes() == (tmp_path / "ref" / fmt.shard_name(i)).read_bytes()
     assert ref.finish()["shards"] == w2.finish()["shards"]
+
+
+def test_bad_values_are_refused(tmp_path):
+    h = make_header()
+    w = CacheWriter(tmp_path, h)
+    arrays = synthetic_shard(h, 0)
+    bad = dict(arrays, topk_logprobs=arrays["topk_logprobs"].copy())
+    bad["topk_logprobs"][0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        w.write_shard(0, **bad)
+    bad = dict(arrays, topk_ids=arrays["topk_ids"].copy())
+    bad["topk_ids"][0, 0, 0] = VOCAB
+    with pytest.raises(ValueError, match="topk_ids"):
+        w.write_shard(0, **bad)
+    with pytest.raises(ValueError, match="window_ids"):
+        w.write_shard(0, **arrays, window_ids=np.arange(1, 17))
+    with pytest.raises(ValueError, match="index"):
+        w.write_shard(h["num_shards"], **arrays)
+    assert fmt.load_manifest(tmp_path)["shards"] == []
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".parquet") or ".tmp-" in n]
+
+
+def _write_forever(cache_dir, header):
+    w = CacheWriter(cache_dir, header)
+    while True:                                   # rewrites every shard until killed
+        for i in range(header["num_shards"]):
+            w.write_shard(i, **synthetic_shard(header, i))
+
+
+def test_killed_writer_then_resume_equals_uninterrupted(tmp_path):
+    import signal
+    import time
+    h = make_header(num_windows=16 * 6, rows_per_shard=16)
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_write_forever, args=(tmp_path / "c", h))
+    p.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (tmp_path / "c" / "manifest.json").exists() and len(fmt.load_manifest(tmp_path / "c")["shards"]) >= 2:
+            break
+        time.sleep(0.01)
+    time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    w = CacheWriter(tmp_path / "c", h)
+    assert not [n for n in os.listdir(tmp_path / "c") if ".tmp-" in n]
+    for i in set(range(h["num_shards"])) - w.completed():
+        w.write_shard(i, **synthetic_shard(h, i))
+    assert w.finish()["complete"]
+    write_cache(tmp_path / "ref", h)
+    for name in ["manifest.json"] + [fmt.shard_name(i) for i in range(h["num_shards"])]:
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
