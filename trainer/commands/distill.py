@@ -21,16 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from logitcache.data import prepare_windows, tokenizer_fingerprint
 from logitcache.errors import UserError
-from logitcache.reader import CacheReader
 from trainer.config import LOSS_KINDS, LossConfig, RunConfig, add_train_arguments, train_config_from_args
-from trainer.data import CacheBatches, load_causal_lm, load_tokenizer, logits_vocab
-from trainer.evaluate import evaluate_cache, evaluate_windows
-from trainer.loop import init_distributed, preflight, train
-from trainer.losses import distill_loss
+
+# torch, transformers, the reader and the loop are imported in run(): `trainer --help` stays fast.
 
 
 def add_arguments(p) -> None:
@@ -61,7 +55,7 @@ def _short(fp: str | None) -> str:
     return (fp or "none")[:12]
 
 
-def check_cache(reader: CacheReader, student_fp: str, flag: str) -> None:
+def check_cache(reader, student_fp: str, flag: str) -> None:
     """The cache must come from the student's tokenizer: same ids for the same text."""
     cache_fp = reader.manifest["tokenizer"].get("fingerprint")
     if cache_fp != student_fp:
@@ -70,6 +64,15 @@ def check_cache(reader: CacheReader, student_fp: str, flag: str) -> None:
 
 
 def run(args) -> int:
+    import torch
+
+    from logitcache.data import prepare_windows, tokenizer_fingerprint
+    from logitcache.reader import CacheReader
+    from trainer.data import CacheBatches, load_causal_lm, load_tokenizer, logits_vocab
+    from trainer.evaluate import evaluate_cache, evaluate_windows
+    from trainer.loop import init_distributed, preflight, train
+    from trainer.losses import distill_loss
+
     cfg = train_config_from_args(args)
     loss_cfg = LossConfig(loss=args.loss, beta=args.beta, temperature=args.temperature, alpha_ce=args.alpha_ce,
                           renormalize_topk=args.renormalize_topk, logits_chunk=args.logits_chunk)
@@ -138,7 +141,7 @@ def run(args) -> int:
     source = CacheBatches(reader, cfg.batch_size, cfg.seed, env.rank, env.world, vocab_limit=vocab)
     chunk = loss_cfg.logits_chunk or None
 
-    def loss_fn(logits: torch.Tensor, batch: dict):
+    def loss_fn(logits, batch: dict):
         labels = batch["labels"].reshape(-1)
         n = labels.shape[0]
         k = batch["topk_ids"].shape[-1]

@@ -15,15 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from logitcache.data import prepare_windows, tokenizer_fingerprint
 from logitcache.errors import UserError
-from logitcache.reader import CacheReader
-from trainer.commands.distill import check_cache
-from trainer.data import load_causal_lm, load_tokenizer, logits_vocab
-from trainer.evaluate import evaluate_cache, evaluate_windows
-from trainer.loop import init_distributed
 
 
 def add_arguments(p) -> None:
@@ -42,6 +34,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    import torch
+
+    from logitcache.data import prepare_windows, tokenizer_fingerprint
+    from logitcache.reader import CacheReader
+    from trainer.commands.distill import check_cache
+    from trainer.data import load_causal_lm, load_tokenizer, logits_vocab
+    from trainer.evaluate import evaluate_cache, evaluate_windows
+    from trainer.loop import init_distributed
+
     if not args.data and not args.cache:
         raise UserError("give --data, --cache or both")
     if args.batch_size < 1:

@@ -16,15 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from logitcache.data import prepare_windows, tokenizer_fingerprint
 from logitcache.errors import UserError
 from trainer.config import RunConfig, add_train_arguments, train_config_from_args
-from trainer.data import WindowBatches, load_causal_lm, load_tokenizer, logits_vocab
-from trainer.evaluate import evaluate_windows
-from trainer.loop import init_distributed, preflight, train
-from trainer.losses import cross_entropy
+
+# torch, transformers and the loop are imported inside the functions: `trainer --help` stays fast.
 
 
 def add_arguments(p) -> None:
@@ -42,7 +37,10 @@ def add_arguments(p) -> None:
 
 def build_model(spec: str, tokenizer, seed: int):
     """A fresh model from a config JSON (seeded init) or a checkpoint loaded in float32."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.data import load_causal_lm
 
     path = Path(spec)
     if path.is_dir():
@@ -71,6 +69,14 @@ def build_model(spec: str, tokenizer, seed: int):
 
 
 def run(args) -> int:
+    import torch
+
+    from logitcache.data import prepare_windows, tokenizer_fingerprint
+    from trainer.data import WindowBatches, load_tokenizer, logits_vocab
+    from trainer.evaluate import evaluate_windows
+    from trainer.loop import init_distributed, preflight, train
+    from trainer.losses import cross_entropy
+
     cfg = train_config_from_args(args)
     if args.tokenizer is None and not Path(args.model).is_dir():
         raise UserError("--tokenizer is required when --model is a config file")
@@ -111,7 +117,7 @@ def run(args) -> int:
 
     source = WindowBatches(windows.tokens, cfg.batch_size, cfg.seed, env.rank, env.world)
 
-    def loss_fn(logits: torch.Tensor, batch: dict):
+    def loss_fn(logits, batch: dict):
         labels = batch["labels"].reshape(-1)
         flat = logits[..., :vocab].reshape(labels.shape[0], -1)
         mask = torch.ones_like(labels, dtype=torch.bool)

@@ -20,12 +20,11 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
-from logitcache.data import prepare_windows
 from logitcache.errors import UserError
-from trainer.data import load_tokenizer
-from trainer.importance import SUPPORTED_ARCHITECTURES
+
+# The architectures trainer.importance.SUPPORTED_ARCHITECTURES accepts (a test keeps them equal);
+# spelled out here so that `trainer --help` does not import torch.
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 
@@ -72,10 +71,14 @@ def add_arguments(p) -> None:
                    help="drop this many whole decoder layers (lowest 1 - cos first) before width pruning")
     p.add_argument("--work", default="work_dir", help="folder for packed windows (default %(default)s)")
     p.add_argument("--text-column", default="text", help="text column of jsonl/parquet data")
-    p.epilog = "supported architectures: " + ", ".join(sorted(SUPPORTED_ARCHITECTURES.values()))
+    p.epilog = "supported architectures: " + ", ".join(SUPPORTED)
 
 
 def run(args) -> int:
+    import torch
+
+    from logitcache.data import prepare_windows
+    from trainer.data import load_tokenizer
     from trainer.prune import prune_to_dir
 
     model_dir = resolve_model(args.model)
