@@ -1,0 +1,72 @@
+"""Teacher backends: token windows in, per-position top-k arrays out. A backend never writes files.
+
+Every backend provides:
+
+    backend.name            "hf", "vllm": recorded as the manifest's producer.backend
+    backend.k               top-k size
+    backend.describe()      the manifest's `teacher` object (logitcache.teacher.describe_teacher),
+                            with `vocab_size` the loaded model's logit width
+    backend.versions()      {library: version} for the manifest's producer.versions
+    backend.run(windows)    windows int32 [B, seq_len + 1] (positions read [:, :-1], targets are
+                            [:, 1:]) -> TopK(ids, logprobs, tail_logmass, target_logprob), a named
+                            tuple of numpy arrays
+    backend.close()         free the model
+
+Results must not depend on which backend made them beyond float32 rounding: log-probs are
+normalised over every logit column, in float32, with the tail computed as in logitcache.topk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+from logitcache.errors import UserError
+
+BACKENDS = ("hf",)
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+
+class TopK(NamedTuple):
+    """One batch of results; B windows, T = seq_len positions each."""
+
+    ids: np.ndarray             # (B, T, k) int32, by descending log-prob
+    logprobs: np.ndarray        # (B, T, k) float32
+    tail_logmass: np.ndarray    # (B, T) float32, log(1 - sum exp(logprobs)), -inf when k == V
+    target_logprob: np.ndarray  # (B, T) float32, log p(window[t + 1])
+
+
+class Backend(Protocol):
+    name: str
+    k: int
+
+    def describe(self) -> dict: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+    def run(self, windows: np.ndarray) -> TopK: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_backend_name(name: str) -> str:
+    """`auto` is `hf` for now (the transformers backend runs every causal LM on any device)."""
+    if name == "auto":
+        return "hf"
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name}: unknown (known: {', '.join(BACKEND_CHOICES)})")
+    return name
+
+
+def make_backend(name: str, teacher: str, *, k: int, device: str = "cpu", dtype: str = "auto",
+                 revision: str | None = None, trust_remote_code: bool = False,
+                 chunk_size: int | None = None) -> Backend:
+    """Load `teacher` with the named backend (`hf`, or `auto`)."""
+    name = resolve_backend_name(name)
+    if name == "hf":
+        from logitcache.backends.hf import HFBackend
+
+        return HFBackend(teacher, k, device, dtype, revision=revision, chunk_size=chunk_size,
+                         trust_remote_code=trust_remote_code)
+    raise AssertionError(name)

@@ -1,0 +1,137 @@
+"""The transformers backend: run the model body once per batch, then the LM head in chunks.
+
+`model.base_model(...)` returns `last_hidden_state` already through the final norm for Llama,
+Qwen2, Mistral, GPT-2 and GPT-NeoX; the LM head (`model.get_output_embeddings()`) is then applied
+to `chunk_size` positions at a time and reduced to top-k at once (logitcache.topk), so a
+[B * T, V] float32 logits tensor never exists for a whole batch. On load, the body + head path is
+checked against `model(input_ids).logits` on a few tokens; a model whose head does more than a
+plain projection (logit soft-capping, scaling) is refused rather than cached wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from logitcache.backends import TopK
+from logitcache.errors import UserError
+from logitcache.teacher import check_k, describe_teacher, resolve_teacher
+from logitcache.topk import topk_from_logits
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOGITS_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 8 << 20}
+
+
+def default_logits_chunk(vocab_size: int, device: str) -> int:
+    """Positions per LM-head chunk: ~256 MB of float32 logits on a GPU; ~8 MB on a CPU, where
+    a chunk that stays in cache makes the top-k passes after the matmul nearly free."""
+    budget = LOGITS_CHUNK_BYTES["cpu" if torch.device(device).type == "cpu" else "cuda"]
+    return max(1, budget // (4 * vocab_size))
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+class HFBackend:
+    """A transformers causal LM as a top-k producer (see logitcache.backends for the API)."""
+
+    name = "hf"
+
+    def __init__(self, name_or_path: str, k: int, device: str = "cpu", dtype: str = "auto",
+                 revision: str | None = None, chunk_size: int | None = None,
+                 trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        self.device = _check_device(device)
+        folder, revision = resolve_teacher(name_or_path, revision)
+        self.teacher = describe_teacher(name_or_path, revision, dtype, folder=folder)
+        torch_dtype = TORCH_DTYPES[self.teacher["dtype"]]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
+                                                         **_dtype_kwarg(torch_dtype))
+        except Exception as exc:
+            raise UserError(f"--teacher {name_or_path}: could not be loaded as a causal LM "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        self.model = model.eval().to(self.device)
+        self.body = self.model.base_model
+        self.head = self.model.get_output_embeddings()
+        if self.body is self.model or self.head is None:
+            raise UserError(f"--teacher {name_or_path}: {type(model).__name__} has no separate body and "
+                            "LM head; the hf backend cannot chunk it")
+        self.teacher["vocab_size"] = int(self.head.weight.shape[0])
+        if self.teacher["num_parameters"] is None:
+            self.teacher["num_parameters"] = sum(p.numel() for p in self.model.parameters())
+        check_k(k, self.teacher)
+        self.k = k
+        self.chunk_size = int(chunk_size or default_logits_chunk(self.teacher["vocab_size"], device))
+        if self.chunk_size < 1:
+            raise UserError(f"--logits-chunk {chunk_size}: must be at least 1")
+        self._self_check(name_or_path)
+
+    def describe(self) -> dict:
+        """The manifest's `teacher` object, `vocab_size` being the LM head's width (padding included)."""
+        return dict(self.teacher)
+
+    def versions(self) -> dict[str, str]:
+        import transformers
+
+        return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, H), normed, in the model's dtype."""
+        return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    @torch.inference_mode()
+    def run(self, windows: np.ndarray) -> TopK:
+        x = torch.as_tensor(np.asarray(windows), dtype=torch.long).to(self.device)  # (B, T+1)
+        B, T = x.shape[0], x.shape[1] - 1
+        hidden = self.hidden_states(x[:, :-1]).reshape(B * T, -1)                   # (B*T, H)
+        targets = x[:, 1:].reshape(-1)                                               # (B*T,)
+        n, k, c = B * T, self.k, self.chunk_size
+        ids = torch.empty(n, k, dtype=torch.int32, device=self.device)
+        lp = torch.empty(n, k, dtype=torch.float32, device=self.device)
+        tail = torch.empty(n, dtype=torch.float32, device=self.device)
+        tgt = torch.empty(n, dtype=torch.float32, device=self.device)
+        for s in range(0, n, c):
+            e = min(n, s + c)
+            logits = self.head(hidden[s:e])                                          # (c, V)
+            ids[s:e], lp[s:e], tail[s:e], tgt[s:e] = topk_from_logits(logits, targets[s:e], k, chunk_size=c)
+        if not bool(torch.isfinite(lp[:, 0]).all()):
+            raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
+                            f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
+        return TopK(ids.reshape(B, T, k).cpu().numpy(), lp.reshape(B, T, k).cpu().numpy(),
+                    tail.reshape(B, T).cpu().numpy(), tgt.reshape(B, T).cpu().numpy())
+
+    @torch.inference_mode()
+    def _self_check(self, name_or_path: str) -> None:
+        """The chunked path must reproduce the model's own logits (a few tokens, once)."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, self.teacher["vocab_size"], (1, 8), generator=g).to(self.device)
+        full = self.model(input_ids=x, use_cache=False).logits.float()
+        ours = self.head(self.hidden_states(x)).float()
+        scale = full.abs().max().clamp_min(1.0)
+        tol = 1e-4 if self.teacher["dtype"] == "float32" else 2e-2
+        if full.shape != ours.shape or (full - ours).abs().max() > tol * scale:
+            raise UserError(f"--teacher {name_or_path}: {type(self.model).__name__}'s logits are not a plain "
+                            "projection of its last hidden state; not supported by the hf backend")
+
+    def close(self) -> None:
+        self.model = self.body = self.head = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _dtype_kwarg(torch_dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 names it `dtype`; older releases `torch_dtype`."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
