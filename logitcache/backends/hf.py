@@ -91,7 +91,7 @@ class HFBackend:
 
     @torch.inference_mode()
     def run(self, windows: np.ndarray) -> TopK:
-        x = torch.as_tensor(np.asarray(windows), dtype=torch.long).to(self.device)  # (B, T+1)
+        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)     # (B, T+1)
         B, T = x.shape[0], x.shape[1] - 1
         hidden = self.hidden_states(x[:, :-1]).reshape(B * T, -1)                   # (B*T, H)
         targets = x[:, 1:].reshape(-1)                                               # (B*T,)

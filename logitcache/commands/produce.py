@@ -1,0 +1,73 @@
+"""Run one or more teachers over a corpus and write each one's top-k cache.
+
+    logitcache produce --teacher assets/demo-teacher --data shakespeare:train --out work_dir/caches \
+        --k 64 --seq-len 256
+
+    # a ladder of teachers sharing one tokenizer: same windows, one cache each
+    logitcache produce --teacher gpt2 --teacher gpt2-medium --data corpus.jsonl --out caches --k 64
+
+    # two processes (say one per GPU) splitting the shards of one cache
+    logitcache produce ... --num-workers 2 --worker-index 0 --device cuda:0 &
+    logitcache produce ... --num-workers 2 --worker-index 1 --device cuda:1
+
+Each cache lands in OUT/<teacher>-k<k>-<key>/, where the key is a hash of the teacher, tokenizer,
+windows, k and encoding: the same command run again finds the same cache, resumes it if it was
+interrupted, and writes nothing if it is complete. The caches' folders are printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from logitcache.backends import BACKEND_CHOICES
+from logitcache.encodings import available_encodings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", action="append", required=True, metavar="PATH_OR_NAME",
+                   help="teacher checkpoint folder or hub model id; repeat for a ladder of teachers")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="corpus: a .txt/.jsonl/.parquet file or folder, a hub dataset name[:split], "
+                        "or shakespeare, shakespeare:train, shakespeare:heldout, milton")
+    p.add_argument("--out", required=True, type=Path, metavar="ROOT",
+                   help="folder that holds the caches (and the shared token windows)")
+    p.add_argument("--k", type=int, default=64, help="top-k log-probs kept per position (default 64)")
+    p.add_argument("--seq-len", type=int, default=512, help="positions per window (default 512)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="teacher weights' dtype; auto = as stored in the checkpoint. Log-probs are always "
+                        "computed in float32 from the logits")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--rows-per-shard", type=int, default=256,
+                   help="windows per Parquet shard (default 256; best a multiple of --batch-size)")
+    p.add_argument("--encoding", default="fp16", choices=available_encodings(),
+                   help="codec of the top-k columns (default fp16)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="processes splitting the shards of each cache (default 1)")
+    p.add_argument("--worker-index", type=int, default=0,
+                   help="this process's index in 0..num_workers-1; it writes shards i with "
+                        "i %% num_workers == index")
+    p.add_argument("--text-column", default="text", help="column holding the text in jsonl/parquet/hub data")
+    p.add_argument("--max-windows", type=int, default=None, help="use only the first N windows of the corpus")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="how to run the teacher: hf (transformers); auto picks hf")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the teachers")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model and tokenizer code from the checkpoint to run (off by default)")
+    p.add_argument("--logits-chunk", type=int, default=None,
+                   help="positions per LM-head chunk (default: ~256 MB of float32 logits on a GPU, "
+                        "~8 MB on a CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from logitcache.producer import produce
+
+    produce(args.teacher, args.data, args.out, k=args.k, seq_len=args.seq_len, device=args.device,
+            dtype=args.dtype, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+            encoding=args.encoding, num_workers=args.num_workers, worker_index=args.worker_index,
+            text_column=args.text_column, max_windows=args.max_windows, backend=args.backend,
+            revision=args.revision, trust_remote_code=args.trust_remote_code,
+            logits_chunk=args.logits_chunk, progress=not args.no_progress)
+    return 0

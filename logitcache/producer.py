@@ -1,0 +1,281 @@
+"""Glue: corpus -> windows -> teacher backend -> CacheWriter, with writing overlapped with compute.
+
+For each teacher, in order:
+
+1. cheap checks for every teacher first (checkpoint and tokenizer present, tokenizer fits the
+   model's vocabulary, 1 <= k <= vocabulary, seq_len within the context), so a bad ladder fails
+   before anything is written;
+2. windows: tokenized and packed once per tokenizer and saved under `out/windows/` (teachers of one
+   tokenizer share them);
+3. the header and key (docs/FORMAT.md); the cache folder is `out/<teacher>-k<k>-<key[:16]>`;
+4. shards already listed complete are skipped, so a re-run resumes; with `num_workers` > 1 this
+   process takes the shards `i` with `i % num_workers == worker_index`;
+5. the model is loaded only if something is left to do; it runs batch by batch within a shard,
+   and each finished shard goes through a queue of two to a writer thread, which encodes,
+   compresses and writes it while the next shard's forward passes run.
+
+A shard is only ever renamed into place complete, so Ctrl-C or a kill leaves complete shards and
+the next run resumes. Batches never straddle shards, so a shard's numbers do not depend on which
+run, worker or resume wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from logitcache import format as fmt
+from logitcache.backends import make_backend, resolve_backend_name
+from logitcache.data import Windows, prepare_windows
+from logitcache.encodings import get_encoding
+from logitcache.errors import UserError
+from logitcache.teacher import (check_k, check_seq_len, check_tokenizer_fits, describe_teacher, load_tokenizer,
+                                resolve_teacher)
+from logitcache.writer import CacheWriter, expected_rows
+
+QUEUE_SIZE = 2
+
+
+def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int = 512, device: str = "cpu",
+            dtype: str = "auto", batch_size: int = 8, rows_per_shard: int = 256, encoding: str = "fp16",
+            num_workers: int = 1, worker_index: int = 0, text_column: str = "text",
+            max_windows: int | None = None, backend: str = "auto", *, revision: str | None = None,
+            trust_remote_code: bool = False, logits_chunk: int | None = None,
+            progress: bool = True) -> list[Path]:
+    """Write one cache per teacher under `out` and return their folders (see the module doc)."""
+    out = Path(out)
+    _check_arguments(teachers, k, seq_len, batch_size, rows_per_shard, num_workers, worker_index,
+                     max_windows, logits_chunk)
+    if (out / fmt.MANIFEST_NAME).exists():
+        raise UserError(f"--out {out}: is a cache folder itself; pass the folder that holds caches")
+    backend_name = resolve_backend_name(backend)
+    enc = get_encoding(encoding)
+    encoding_info = {"name": enc.name, "params": enc.params()}
+    _quiet_libraries()
+
+    # 1. Every teacher's cheap checks before anything is written.
+    plans = []
+    for name in teachers:
+        folder, rev = resolve_teacher(name, revision)
+        teacher = describe_teacher(name, rev, dtype, folder=folder)
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        check_tokenizer_fits(tokenizer, teacher)
+        check_k(k, teacher)
+        check_seq_len(seq_len, teacher)
+        plans.append((name, rev, teacher, tokenizer))
+
+    caches = []
+    windows_by_tokenizer: dict[str, Windows] = {}
+    for position, (name, rev, teacher, tokenizer) in enumerate(plans):
+        # 2. Windows, once per tokenizer.
+        with _workers_lock(out, num_workers):
+            windows = _windows(windows_by_tokenizer, data, tokenizer, seq_len, out, text_column, max_windows)
+        # 3. Header, key, folder.
+        header = build_header(teacher, tokenizer, windows, k, encoding_info, rows_per_shard, text_column,
+                              backend_name)
+        cache_dir = out / fmt.cache_dir_name(teacher["name_or_path"], k, header["key"])
+        # 4. What is left for this worker (a writer is opened early only on an existing cache).
+        mine = [i for i in range(header["num_shards"]) if i % num_workers == worker_index]
+        writer = CacheWriter(cache_dir, header) if (cache_dir / fmt.MANIFEST_NAME).exists() else None
+        todo = [i for i in mine if i not in writer.completed()] if writer is not None else mine
+        # 5. Load and run only when there is work.
+        if todo:
+            model = make_backend(backend_name, name, k=k, device=device, dtype=dtype, revision=rev,
+                                 trust_remote_code=trust_remote_code, chunk_size=logits_chunk)
+            try:
+                loaded = model.describe()
+                if loaded["vocab_size"] != teacher["vocab_size"]:
+                    raise UserError(f"--teacher {name}: config.json says vocab_size {teacher['vocab_size']} "
+                                    f"but the LM head has {loaded['vocab_size']} rows")
+                header["producer"]["versions"].update(model.versions())
+                if header["teacher"]["num_parameters"] is None:   # not safetensors: count after loading
+                    header["teacher"]["num_parameters"] = loaded["num_parameters"]
+                if writer is None:
+                    writer = CacheWriter(cache_dir, header)
+                todo = [i for i in todo if i not in writer.completed()]
+                run_shards(model, writer, windows.tokens, todo, batch_size,
+                           desc=cache_dir.name, progress=progress)
+            finally:
+                model.close()
+                del model
+                if position + 1 < len(plans):   # free the weights (cycles too) before the next teacher
+                    gc.collect()
+        if writer is not None:
+            writer.finish()
+        caches.append(cache_dir)
+    for cache_dir in caches:
+        print(cache_dir)
+    return caches
+
+
+def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: dict, rows_per_shard: int,
+                 text_column: str, backend: str) -> dict:
+    """The manifest without `shards`/`complete` (docs/FORMAT.md), with its key."""
+    tok = {"fingerprint": windows.tokenizer_fingerprint, "vocab_size": len(tokenizer),
+           "eos_token_id": tokenizer.eos_token_id}
+    data = {"source": windows.source, "text_column": text_column, "fingerprint": windows.fingerprint,
+            "seq_len": windows.seq_len, "num_windows": windows.num_windows, "num_tokens": windows.num_tokens}
+    teacher = {f: teacher[f] for f in ("name_or_path", "revision", "architecture", "dtype", "num_parameters",
+                                       "config_sha256", "weights_fingerprint", "vocab_size",
+                                       "max_position_embeddings")}
+    return {"key": fmt.cache_key(teacher, tok, data, k, encoding), "k": k, "rows_per_shard": rows_per_shard,
+            "num_shards": -(-windows.num_windows // rows_per_shard), "teacher": teacher, "tokenizer": tok,
+            "data": data, "encoding": dict(encoding), "producer": {"backend": backend, "versions": _versions()}}
+
+
+def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], batch_size: int, *,
+               desc: str = "", progress: bool = True) -> None:
+    """Compute the shards `todo` batch by batch; a writer thread writes them as they finish.
+
+    The queue holds at most QUEUE_SIZE finished shards, so memory stays bounded when writing is
+    slower than computing. An error in the writer thread stops the run and is raised here; on
+    Ctrl-C the thread finishes the shard it is writing (it lands complete) and drops the rest.
+    """
+    from tqdm import tqdm
+
+    rps, seq_len = writer.manifest["rows_per_shard"], writer.seq_len
+    jobs: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def write_loop() -> None:
+        while True:
+            item = jobs.get()
+            if item is None or stop.is_set():
+                return
+            index, arrays = item
+            try:
+                writer.write_shard(index, **arrays)
+            except BaseException as exc:   # handed to the main thread, which raises it
+                failure.append(exc)
+                stop.set()
+                return
+
+    def put(item) -> None:
+        while True:
+            if failure:
+                raise _writer_error(writer, failure[0])
+            try:
+                jobs.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    total = sum(expected_rows(writer.manifest, i) for i in todo) * seq_len
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)
+    thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
+    thread.start()
+    start, done, ok = time.perf_counter(), 0, False
+    try:
+        for index in todo:
+            first, rows = index * rps, expected_rows(writer.manifest, index)
+            shard = tokens[first:first + rows]                                     # (rows, T+1)
+            parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
+            # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
+            ids, logprobs, tail, target = (np.concatenate(column) for column in zip(*parts))
+            arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
+                      "topk_logprobs": logprobs, "tail_logmass": tail}
+            put((index, arrays))
+            done += rows * seq_len
+        put(None)
+        thread.join()
+        ok = True
+    finally:
+        if not ok:   # interrupted or failed: let the current write land, drop the queued ones
+            stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.get_nowait()
+            with contextlib.suppress(queue.Full):
+                jobs.put_nowait(None)
+            thread.join()
+        bar.close()
+    if failure:
+        raise _writer_error(writer, failure[0])
+
+
+def _batches(rows: int, batch_size: int, bar, seq_len: int, start: float):
+    """Batch offsets of a shard, advancing the progress bar (tokens/s in the postfix) after each."""
+    for s in range(0, rows, batch_size):
+        yield s
+        bar.update(min(batch_size, rows - s) * seq_len)
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            bar.set_postfix(tok_s=f"{bar.n / elapsed:,.0f}", refresh=False)
+
+
+def _writer_error(writer: CacheWriter, exc: BaseException) -> BaseException:
+    if isinstance(exc, OSError):
+        return UserError(f"{writer.cache_dir}: writing a shard failed: {exc.strerror or exc}")
+    return exc
+
+
+def _windows(memo: dict, data: str, tokenizer, seq_len: int, out: Path, text_column: str,
+             max_windows: int | None) -> Windows:
+    from logitcache.data import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp not in memo:
+        memo[fp] = prepare_windows(data, tokenizer, seq_len, root=out, text_column=text_column,
+                                   max_windows=max_windows)
+    return memo[fp]
+
+
+@contextlib.contextmanager
+def _workers_lock(out: Path, num_workers: int):
+    """Workers started together must not both tokenize into one windows file: lock `out` itself."""
+    if num_workers == 1:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_arguments(teachers, k, seq_len, batch_size, rows_per_shard, num_workers, worker_index,
+                     max_windows, logits_chunk) -> None:
+    if not teachers:
+        raise UserError("--teacher: give at least one")
+    if len(set(teachers)) != len(teachers):
+        raise UserError("--teacher: the same teacher is given twice")
+    for flag, value in (("--k", k), ("--seq-len", seq_len), ("--batch-size", batch_size),
+                        ("--rows-per-shard", rows_per_shard), ("--num-workers", num_workers)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if not 0 <= worker_index < num_workers:
+        raise UserError(f"--worker-index {worker_index}: must be in 0..{num_workers - 1}")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows {max_windows}: must be at least 1")
+    if logits_chunk is not None and logits_chunk < 1:
+        raise UserError(f"--logits-chunk {logits_chunk}: must be at least 1")
+
+
+def _versions() -> dict[str, str]:
+    import pyarrow
+
+    from logitcache import __version__
+
+    return {"logitcache": __version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advice would bury the one line a user needs on stderr."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,229 @@
+"""`logitcache produce` end to end on tiny teachers: ladders, idempotent re-runs, resume after a
+kill, split workers, and refusals of bad input that leave nothing behind.
+
+Determinism: every run here uses one torch thread (this module's fixture, or OMP_NUM_THREADS=1 in
+subprocesses) and batches never straddle shards, so a shard's bytes do not depend on which run,
+worker or resume wrote it; the comparisons below are byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache import format as fmt
+from logitcache.backends.hf import HFBackend
+from logitcache.cli import main
+from logitcache.reader import CacheReader
+
+SMALL = ["--k", "8", "--seq-len", "16", "--rows-per-shard", "4", "--batch-size", "2", "--no-progress"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every file under root: (size, mtime_ns, sha256)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cache_bytes(cache_dir: Path) -> dict[str, bytes]:
+    """The manifest and every shard, by name (the lock file is empty and not part of a cache)."""
+    return {p.name: p.read_bytes() for p in sorted(cache_dir.iterdir()) if p.name != fmt.LOCK_NAME}
+
+
+def produce(capsys, *args: str) -> tuple[int, list[Path], str]:
+    capsys.readouterr()
+    rc = main(["produce", *args])
+    out, err = capsys.readouterr()
+    return rc, [Path(line) for line in out.splitlines() if line.strip()], err
+
+
+def test_ladder_of_two_teachers_then_rerun_writes_nothing(capsys, tmp_path, tiny_teachers, corpus_dir):
+    root = tmp_path / "caches"
+    args = ["--teacher", str(tiny_teachers["llama"]), "--teacher", str(tiny_teachers["llama_b"]),
+            "--data", str(corpus_dir), "--out", str(root), "--max-windows", "10", *SMALL]
+    rc, caches, err = produce(capsys, *args)
+    assert rc == 0, err
+    assert [c.name.split("-k8-")[0] for c in caches] == ["llama", "llama_b"]
+    assert len(list((root / "windows").glob("*.npy"))) == 1          # one tokenizer, one set of windows
+    manifests = [fmt.load_manifest(c) for c in caches]
+    assert all(m["complete"] and m["num_shards"] == 3 and m["data"]["num_windows"] == 10 for m in manifests)
+    assert manifests[0]["data"] == manifests[1]["data"]
+    assert manifests[0]["key"] != manifests[1]["key"]
+    assert manifests[0]["encoding"]["name"] == "fp16" and manifests[0]["producer"]["backend"] == "hf"
+    for c, m in zip(caches, manifests):
+        assert c.name == fmt.cache_dir_name(m["teacher"]["name_or_path"], 8, m["key"])
+
+    # the cache holds what the backend computes (fp16 values: relative error <= 2**-11)
+    reader = CacheReader(caches[0])
+    shard = reader.read_shard(0)
+    direct = HFBackend(str(tiny_teachers["llama"]), 8, "cpu", "float32").run(shard["input_ids"])
+    assert np.array_equal(shard["topk_ids"], direct.ids)
+    np.testing.assert_allclose(shard["topk_logprobs"], direct.logprobs, rtol=2**-11, atol=6e-8)
+    np.testing.assert_array_equal(shard["tail_logmass"], direct.tail_logmass)
+    np.testing.assert_array_equal(shard["target_logprob"], direct.target_logprob)
+    assert reader.verify() == []
+
+    before = snapshot(root)
+    rc, again, err = produce(capsys, *args)
+    assert rc == 0 and again == caches
+    assert snapshot(root) == before                                  # nothing rewritten, nothing added
+
+    # the folder name depends on content only: another root gets the same names
+    rc, elsewhere, _ = produce(capsys, *[a if a != str(root) else str(tmp_path / "other") for a in args])
+    assert [c.name for c in elsewhere] == [c.name for c in caches]
+    for a, b in zip(caches, elsewhere):
+        assert cache_bytes(a) == cache_bytes(b)
+
+
+def test_two_workers_make_the_same_cache_as_one(capsys, tmp_path, tiny_teachers, corpus_dir):
+    common = ["--teacher", str(tiny_teachers["gpt_neox"]), "--data", str(corpus_dir), "--max-windows", "18",
+              *SMALL]
+    rc, (single,), _ = produce(capsys, *common, "--out", str(tmp_path / "one"))
+    assert rc == 0
+    split = tmp_path / "split"
+    rc, (first,), _ = produce(capsys, *common, "--out", str(split), "--num-workers", "2", "--worker-index", "0")
+    m = fmt.load_manifest(first)
+    assert rc == 0 and not m["complete"] and [e["index"] for e in m["shards"]] == [0, 2, 4]
+    rc, (second,), _ = produce(capsys, *common, "--out", str(split), "--num-workers", "2", "--worker-index", "1")
+    assert rc == 0 and second == first and fmt.load_manifest(first)["complete"]
+    assert cache_bytes(first) == cache_bytes(single)
+
+
+# -- resume after a kill (subprocess) -------------------------------------------------------------
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "logitcache.cli", "produce", *args]
+
+
+def cli_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_bytes(capsys, tmp_path, tiny_teachers, corpus_dir):
+    common = ["--teacher", str(tiny_teachers["llama"]), "--data", str(corpus_dir), "--k", "8", "--seq-len", "16",
+              "--rows-per-shard", "2", "--batch-size", "2", "--max-windows", "120", "--no-progress"]
+    # the reference: one uninterrupted run (in-process, one thread like the subprocess)
+    rc, (reference,), _ = produce(capsys, *common, "--out", str(tmp_path / "ref"))
+    assert rc == 0 and fmt.load_manifest(reference)["num_shards"] == 60
+
+    root = tmp_path / "killed"
+    proc = subprocess.Popen(cli_command(*common, "--out", str(root)), env=cli_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = root / reference.name / fmt.MANIFEST_NAME
+    deadline, listed = time.time() + 300, 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            listed = len(json.loads(manifest.read_text())["shards"])
+        except (FileNotFoundError, json.JSONDecodeError):
+            listed = 0
+        if listed >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = fmt.load_manifest(root / reference.name)
+    assert not partial["complete"] and 3 <= len(partial["shards"]) < 60
+
+    # run again (a real process again, as a user would), then compare byte for byte
+    done = subprocess.run(cli_command(*common, "--out", str(root)), env=cli_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [str(root / reference.name)]
+    assert cache_bytes(root / reference.name) == cache_bytes(reference)
+    assert set(os.listdir(root / reference.name)) == set(cache_bytes(reference)) | {fmt.LOCK_NAME}
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def refused(capsys, root: Path, *args: str, match: str) -> None:
+    """Exit 2 with one line on stderr naming the problem, and no file added under root."""
+    before = snapshot(root)
+    rc, _, err = produce(capsys, *args, "--out", str(root))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("logitcache: error: "), err
+    assert match in lines[0], lines[0]
+    assert snapshot(root) == before
+
+
+@pytest.fixture(scope="module")
+def small_vocab_teacher(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    from conftest import save_tiny_teacher
+
+    return save_tiny_teacher(tmp_path_factory.mktemp("small") / "t", "llama", tiny_tokenizer_dir, vocab_size=256)
+
+
+def test_bad_input_is_refused_in_one_line_leaving_nothing(capsys, tmp_path, tiny_teachers, corpus_dir,
+                                                          small_vocab_teacher):
+    root = tmp_path / "out"
+    llama, data = str(tiny_teachers["llama"]), str(corpus_dir)
+    refused(capsys, root, "--teacher", str(tmp_path / "missing"), "--data", data, *SMALL,
+            match="no such model folder")
+    refused(capsys, root, "--teacher", str(small_vocab_teacher), "--data", data, *SMALL,
+            match="tokenizer has 320 tokens but the model's vocabulary is 256")
+    refused(capsys, root, "--teacher", llama, "--data", data, *SMALL[2:], "--k", "321",
+            match="--k 321")
+    refused(capsys, root, "--teacher", llama, "--data", data, *SMALL[2:], "--k", "0", match="--k 0")
+    refused(capsys, root, "--teacher", llama, "--data", data, "--k", "8", "--seq-len", "65",
+            match="--seq-len 65: longer than the context")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    refused(capsys, root, "--teacher", llama, "--data", str(tmp_path / "empty"), *SMALL, match="empty")
+    (tmp_path / "short.txt").write_text("the end")
+    refused(capsys, root, "--teacher", llama, "--data", str(tmp_path / "short.txt"), *SMALL,
+            match="shorter than one window")
+    refused(capsys, root, "--teacher", llama, "--teacher", str(tmp_path / "missing"), "--data", data, *SMALL,
+            match="no such model folder")                           # a bad rung stops the whole ladder first
+    refused(capsys, root, "--teacher", llama, "--data", data, *SMALL, "--worker-index", "1",
+            match="--worker-index 1")
+    assert not root.exists()
+
+
+def test_an_out_folder_holding_another_cache_is_refused(capsys, tmp_path, tiny_teachers, corpus_dir):
+    root = tmp_path / "out"
+    args = ["--teacher", str(tiny_teachers["gpt2"]), "--data", str(corpus_dir), "--max-windows", "4", *SMALL]
+    rc, (cache,), _ = produce(capsys, *args, "--out", str(root))
+    assert rc == 0
+    # --out pointing into a cache rather than at the folder holding caches
+    refused(capsys, cache, *args, match="is a cache folder itself")
+    # the expected folder holding a cache of another key
+    manifest = json.loads((cache / fmt.MANIFEST_NAME).read_text())
+    manifest["key"] = "0" * 64
+    fmt.atomic_write_json(cache / fmt.MANIFEST_NAME, manifest)
+    refused(capsys, root, *args, match="holds a cache with key 0000000000000000")
+
+
+@pytest.mark.slow
+def test_subprocess_error_is_one_line(tmp_path, corpus_dir):
+    done = subprocess.run(cli_command("--teacher", str(tmp_path / "missing"), "--data", str(corpus_dir),
+                                      "--out", str(tmp_path / "out")),
+                          env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"logitcache: error: --teacher {tmp_path / 'missing'}: "
+                                                "no such model folder"]
+    assert not (tmp_path / "out").exists()
