@@ -1,0 +1,109 @@
+"""`adaptive`: per position only the most probable tokens that reach mass `p` (at most k), compact-coded.
+
+A confident position needs one or two tokens to reach, say, 95% of the mass; a flat one needs all
+k. Each position keeps the smallest prefix of its top-k (by probability) whose full-vocabulary mass
+is at least `p` (all k when the top-k mass is below `p`, always at least one), and the dropped
+tokens' mass is added to the stored tail exactly (a log-sum-exp in float64 before quantising), so
+the (kept + tail) distribution stays a proper distribution: a coarser view of the same teacher.
+Kept tokens are coded exactly as in `compact` (frequency-rank gaps, sqrt(p) codes, tail log-odds)
+plus one length per position.
+
+Decoding gives dense [B, T, k] arrays, most probable first. Slots past a position's length are
+padding: log-prob -inf and, as id, a copy of that position's first (most probable) id. A copy and
+not a fixed id such as 0: the tail-bucket forward KL scatters the ids out of the student's
+distribution, and a fixed pad id that is not among the kept ids would wrongly remove that token's
+student mass from the student's tail bucket; a duplicate of a kept id removes nothing more, and its
+-inf teacher log-prob contributes exactly 0. Losses that sum over the student's side of the slots
+(reverse KL, JSD) would count the duplicate; mask padded slots (`logprob == -inf`) for those.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.encodings import register
+from logitcache.encodings.bytes import gaps_from_sorted, get_stream, nbytes_for, put_stream, sorted_from_gaps, stream_fields
+from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
+
+
+@register
+class AdaptiveEncoding(_SetCodec):
+    """Variable-length top-p prefix of the top-k, compact-coded, with the rest folded into the tail."""
+
+    name = "adaptive"
+
+    def __init__(self, p: float = 0.95, **kwargs):
+        super().__init__(**kwargs)
+        if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
+            raise ValueError(f"adaptive: p must lie in (0, 1], got {p!r}")
+        self.p = float(p)
+
+    def params(self) -> dict:
+        return {**super().params(), "p": self.p}
+
+    def arrow_fields(self, k: int, seq_len: int) -> list[pa.Field]:
+        return (stream_fields("ad_len", nbytes_for(max(k - 1, 0))) + stream_fields("ad_gap", self.gap_bytes)
+                + stream_fields("ad_val", self.code_bytes) + stream_fields("ad_tail", 2))
+
+    def keep_counts(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[N, k] log-probs -> (tokens kept per position, [N, k] bool: dropped) by descending probability."""
+        n, k = logprobs.shape
+        order = np.argsort(-logprobs, axis=1, kind="stable")
+        desc = np.take_along_axis(logprobs, order, axis=1).astype(np.float64)
+        cum = np.cumsum(np.exp(desc), axis=1)
+        # tokens strictly before the one that reaches p, plus that one; p = 1 keeps all k
+        keep = np.minimum(1 + (cum < self.p).sum(axis=1), k) if self.p < 1.0 else np.full(n, k)
+        dropped_sorted = np.arange(k)[None, :] >= keep[:, None]
+        dropped = np.empty_like(dropped_sorted)
+        np.put_along_axis(dropped, order, dropped_sorted, axis=1)
+        return keep, dropped
+
+    def encode(self, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+               tail_logmass: np.ndarray) -> dict[str, pa.Array]:
+        b, t, k = topk_ids.shape
+        n = b * t
+        ids = topk_ids.reshape(n, k)
+        lp = topk_logprobs.reshape(n, k).astype(np.float64)
+        if np.isnan(lp).any():
+            raise ValueError("adaptive: log-probs hold NaN")
+        keep, dropped = self.keep_counts(lp)
+        kept_lp = np.where(dropped, -np.inf, lp)
+        dropped_lp = np.where(dropped, lp, -np.inf)
+        tail = np.logaddexp(tail_logmass.reshape(n).astype(np.float64), _logsumexp_rows(dropped_lp))
+        tail_code = self.tail_codes(_logsumexp_rows(kept_lp), tail)
+        ranks, codes = self.sort_by_rank(ids, self.value_codes(lp), drop=dropped)
+        slots = np.arange(k)[None, :] < keep[:, None]
+        ranks, codes = ranks[slots], codes[slots]
+        starts = np.zeros(len(ranks), dtype=bool)
+        starts[np.concatenate([[0], np.cumsum(keep)[:-1]])] = True
+        gaps = gaps_from_sorted(ranks, starts)
+        per_row = keep.reshape(b, t).sum(axis=1)
+        out: dict[str, pa.Array] = {}
+        t_rows = np.full(b, t, dtype=np.int64)
+        put_stream(out, "ad_len", keep - 1, t_rows, nbytes_for(max(k - 1, 0)))
+        put_stream(out, "ad_gap", gaps, per_row, self.gap_bytes)
+        put_stream(out, "ad_val", codes, per_row, self.code_bytes)
+        put_stream(out, "ad_tail", tail_code, t_rows, 2)
+        return out
+
+    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lens, l_rows = get_stream(columns, "ad_len", nbytes_for(max(k - 1, 0)))
+        gaps, g_rows = get_stream(columns, "ad_gap", self.gap_bytes)
+        codes, v_rows = get_stream(columns, "ad_val", self.code_bytes)
+        tail_code, t_rows = get_stream(columns, "ad_tail", 2)
+        b = len(t_rows)
+        sizes = lens.astype(np.int64) + 1
+        if not (np.all(l_rows == seq_len) and np.all(t_rows == seq_len)) or (sizes > k).any():
+            raise ValueError(f"adaptive: stream lengths do not match seq_len={seq_len}, k={k}")
+        per_row = sizes.reshape(b, seq_len).sum(axis=1)
+        if not (np.array_equal(per_row, g_rows) and np.array_equal(per_row, v_rows)):
+            raise ValueError("adaptive: id and value streams do not match the stored lengths")
+        if codes.size and codes.max() > self.max_code:
+            raise ValueError("adaptive: value code out of range")
+        ranks = sorted_from_gaps(gaps, sizes)
+        log_topk, log_tail = self.split_mass(tail_code)
+        ids, logprobs = self.dense_from_sets(ranks, codes.astype(np.int64), sizes, k, log_topk)
+        return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
+                log_tail.astype(np.float32).reshape(b, seq_len))

@@ -1,0 +1,174 @@
+"""`sampled`: S tokens drawn per position from the teacher's full distribution, stored as unique ids + counts.
+
+Random-sampling KD (Anshumann et al., ACL 2025): with `c_j` draws of token `j` out of S, the sparse
+target `c_j / S` is an unbiased estimate of the teacher's distribution, so the cross-entropy of the
+student against it (`trainer.losses.sampled_kd_loss`) has, in expectation, exactly the gradient of
+full-vocabulary forward-KL distillation; top-k caches cannot offer that. The draws must come from the
+full softmax at temperature 1, so they are made where the logits exist: a producer backend calls
+:func:`draw_samples` on each chunk of logits and hands the result to :meth:`SampledEncoding.encode`.
+
+Per position the unique ids are coded like `compact` ids (frequency-rank gaps); then one count per
+id, less one, except the last, which is implied by the counts summing to S. Decoding gives
+`sample_ids [B, T, S]` (unique ids in rank order, padded with id 0) and `sample_counts [B, T, S]`
+(int32, 0 on padding).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from logitcache.encodings import register
+from logitcache.encodings.bytes import (RANK_TABLE_MAX, RankMap, fit_rank_order, gaps_from_sorted, get_stream,
+                                        nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
+                                        stream_fields, unpack_rank_order)
+
+if TYPE_CHECKING:  # torch is imported where samples are drawn, not by readers of the format
+    import torch
+
+
+def draw_samples(logits: torch.Tensor | np.ndarray, S: int, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
+    """Draw S tokens per row from softmax(logits) at temperature 1; return unique ids and counts.
+
+    `logits` is [N, V] (float32 or wider; lower precision is upcast first). Returns
+    `(ids [N, S] int64, counts [N, S] int32)`: each row's distinct drawn ids in ascending id order,
+    left-aligned, then padding (id 0, count 0); counts sum to S per row. Torch in, torch out on the
+    same device (pass a `generator` on that device for reproducible draws); numpy in, numpy out.
+    """
+    import torch
+
+    if not (isinstance(S, int) and 1 <= S <= 65535):
+        raise ValueError(f"S must be an integer in [1, 65535], got {S!r}")
+    as_numpy = isinstance(logits, np.ndarray)
+    x = torch.from_numpy(logits) if as_numpy else logits
+    if x.dim() != 2:
+        raise ValueError(f"logits must be [N, V], got shape {tuple(x.shape)}")
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    n = x.shape[0]
+    if n == 0:
+        ids = torch.zeros((0, S), dtype=torch.int64, device=x.device)
+        counts = torch.zeros((0, S), dtype=torch.int32, device=x.device)
+    else:
+        probs = torch.softmax(x, dim=-1)
+        draws = torch.multinomial(probs, S, replacement=True, generator=generator)   # (N, S)
+        draws, _ = draws.sort(dim=1)
+        new = torch.ones_like(draws, dtype=torch.bool)
+        new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+        slot = new.cumsum(dim=1) - 1                                                 # unique index per draw
+        ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+        counts = torch.zeros((n, S), dtype=torch.int32, device=x.device)
+        counts.scatter_add_(1, slot, torch.ones_like(counts))
+    if as_numpy:
+        return ids.numpy(), counts.numpy()
+    return ids, counts
+
+
+@register
+class SampledEncoding:
+    """Unique sampled ids (frequency-rank gaps) + counts; decodes to sample_ids / sample_counts."""
+
+    name = "sampled"
+    # what decode() returns, in order; top-k encodings return topk_ids, topk_logprobs, tail_logmass
+    outputs = ("sample_ids", "sample_counts")
+
+    def __init__(self, S: int = 16, vocab_size: int | None = None, rank_table: str | None = None):
+        if not (isinstance(S, int) and 1 <= S <= 65535):
+            raise ValueError(f"sampled: S must be an integer in [1, 65535], got {S!r}")
+        if vocab_size is not None and not (isinstance(vocab_size, int) and 1 <= vocab_size < 2**31):
+            raise ValueError(f"sampled: vocab_size must be a positive integer, got {vocab_size!r}")
+        if rank_table is not None and vocab_size is None:
+            raise ValueError("sampled: a rank_table needs vocab_size")
+        self.S = S
+        self.vocab_size = vocab_size
+        self.rank_table = rank_table
+        self.ranks = RankMap(unpack_rank_order(rank_table, vocab_size) if rank_table is not None else None,
+                             vocab_size)
+        self.gap_bytes = nbytes_for(vocab_size - 1) if vocab_size is not None else 4
+        self.len_bytes = nbytes_for(S - 1)
+
+    def params(self) -> dict:
+        return {"S": self.S, "vocab_size": self.vocab_size, "rank_table": self.rank_table}
+
+    def fit(self, tokens: np.ndarray, vocab_size: int) -> dict:
+        """Parameters with a corpus-frequency rank table (see CompactEncoding.fit)."""
+        order = fit_rank_order(tokens, vocab_size, RANK_TABLE_MAX)
+        return {**self.params(), "vocab_size": int(vocab_size), "rank_table": pack_rank_order(order)}
+
+    def arrow_fields(self, k: int, seq_len: int) -> list[pa.Field]:
+        return (stream_fields("sm_len", self.len_bytes) + stream_fields("sm_gap", self.gap_bytes)
+                + stream_fields("sm_cnt", self.len_bytes))
+
+    def encode(self, sample_ids: np.ndarray, sample_counts: np.ndarray, tail_logmass=None) -> dict[str, pa.Array]:
+        """ids [B,T,S] and counts [B,T,S] as :func:`draw_samples` returns them (any order, count 0 = unused).
+
+        The third argument is accepted and ignored, so a producer can call every encoding alike.
+        """
+        if hasattr(sample_ids, "cpu"):          # torch tensors from draw_samples
+            sample_ids = sample_ids.cpu().numpy()
+        if hasattr(sample_counts, "cpu"):
+            sample_counts = sample_counts.cpu().numpy()
+        b, t, s = sample_ids.shape
+        if s != self.S or sample_counts.shape != sample_ids.shape:
+            raise ValueError(f"sampled: expected ids and counts of shape [B, T, {self.S}]")
+        n = b * t
+        ids = sample_ids.reshape(n, s).astype(np.int64)
+        counts = sample_counts.reshape(n, s).astype(np.int64)
+        if counts.min(initial=0) < 0 or not np.all(counts.sum(axis=1) == self.S):
+            raise ValueError(f"sampled: counts must be >= 0 and sum to S={self.S} at every position")
+        used = counts > 0
+        ranks = self.ranks.ranks(np.where(used, ids, 0))
+        key = (ranks << 17) | counts                   # counts <= 65535 < 2**17
+        key[~used] = np.iinfo(np.int64).max
+        key.sort(axis=1)
+        size = used.sum(axis=1)
+        slots = np.arange(s)[None, :] < size[:, None]
+        ranks, counts = key[slots] >> 17, key[slots] & ((1 << 17) - 1)
+        ends = np.cumsum(size)
+        starts = np.zeros(len(ranks), dtype=bool)
+        starts[ends - size] = True
+        gaps = gaps_from_sorted(ranks, starts)
+        last = np.zeros(len(ranks), dtype=bool)
+        last[ends - 1] = True
+        per_row_ids = size.reshape(b, t).sum(axis=1)
+        out: dict[str, pa.Array] = {}
+        put_stream(out, "sm_len", size - 1, np.full(b, t, dtype=np.int64), self.len_bytes)
+        put_stream(out, "sm_gap", gaps, per_row_ids, self.gap_bytes)
+        put_stream(out, "sm_cnt", counts[~last] - 1, per_row_ids - t, self.len_bytes)
+        return out
+
+    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (sample_ids [B, T, S] int64, sample_counts [B, T, S] int32). `k` is ignored (S is a param)."""
+        lens, l_rows = get_stream(columns, "sm_len", self.len_bytes)
+        gaps, g_rows = get_stream(columns, "sm_gap", self.gap_bytes)
+        cnt, c_rows = get_stream(columns, "sm_cnt", self.len_bytes)
+        b = len(l_rows)
+        size = lens.astype(np.int64) + 1
+        if not np.all(l_rows == seq_len) or (size > self.S).any():
+            raise ValueError(f"sampled: stream lengths do not match seq_len={seq_len}, S={self.S}")
+        per_row = size.reshape(b, seq_len).sum(axis=1)
+        if not (np.array_equal(per_row, g_rows) and np.array_equal(per_row - seq_len, c_rows)):
+            raise ValueError("sampled: id and count streams do not match the stored lengths")
+        n = b * seq_len
+        ranks = sorted_from_gaps(gaps, size)
+        if self.vocab_size is not None and ranks.size and ranks.max() >= self.vocab_size:
+            raise ValueError("sampled: decoded id outside the vocabulary")
+        ids_flat = self.ranks.ids(ranks)
+        ends = np.cumsum(size)
+        last = np.zeros(len(ranks), dtype=bool)
+        last[ends - 1] = True
+        counts_flat = np.empty(len(ranks), dtype=np.int64)
+        counts_flat[~last] = cnt.astype(np.int64) + 1
+        row_of = np.repeat(np.arange(n), size)
+        partial = np.bincount(row_of[~last], weights=counts_flat[~last], minlength=n).astype(np.int64)
+        counts_flat[last] = self.S - partial
+        if (counts_flat[last] < 1).any():
+            raise ValueError("sampled: stored counts exceed S")
+        slots = np.arange(self.S)[None, :] < size[:, None]
+        ids = np.zeros((n, self.S), dtype=np.int64)
+        counts = np.zeros((n, self.S), dtype=np.int32)
+        ids[slots] = ids_flat
+        counts[slots] = counts_flat
+        return ids.reshape(b, seq_len, self.S), counts.reshape(b, seq_len, self.S)

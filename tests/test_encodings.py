@@ -1,0 +1,353 @@
+"""Compact codecs (compact, adaptive, sampled): round trips, edge cases, KL bounds, Parquet, params."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from logitcache.encodings import available_encodings, get_encoding
+from logitcache.encodings.bytes import (RankMap, fit_rank_order, from_planes, gaps_from_sorted, pack_rank_order,
+                                        sorted_from_gaps, to_planes, unpack_rank_order)
+from logitcache.encodings.compact import coarse_kl
+from logitcache.encodings.sampled import draw_samples
+from trainer.losses import forward_kl
+
+TOPK = ("compact", "adaptive")
+
+
+# ---------------------------------------------------------------------------
+# test data
+# ---------------------------------------------------------------------------
+
+
+def topk_of(logits: np.ndarray, k: int):
+    """Exact top-k (descending) and tail of full logits [N, V], computed in float64."""
+    lp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    if k == logits.shape[1]:
+        idx = np.argsort(-lp, axis=1, kind="stable")
+    else:
+        idx = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+        idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(lp, idx, 1), axis=1, kind="stable"), 1)
+    vals = np.take_along_axis(lp, idx, 1)
+    rest = lp.copy()
+    np.put_along_axis(rest, idx, -np.inf, 1)
+    with np.errstate(divide="ignore"):
+        tail = np.logaddexp.reduce(rest, axis=1) if k < logits.shape[1] else np.full(len(lp), -np.inf)
+    return idx.astype(np.int64), vals.astype(np.float32), tail.astype(np.float32)
+
+
+def realistic_logits(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """Language-model-like rows: a Zipf prior over ids (low ids frequent) plus per-row structure,
+    with sharpness varying from flat (top-1 ~ 0.05) to confident (top-1 > 0.999)."""
+    rng = np.random.default_rng(seed)
+    prior = -1.1 * np.log1p(np.arange(vocab))
+    sharp = rng.choice([0.6, 1.0, 1.5, 2.5, 4.0, 8.0], size=(n, 1))
+    logits = prior[None, :] * 0.6 + rng.standard_normal((n, vocab)) * sharp
+    return logits
+
+
+def make_fitted(name: str, vocab: int, seed: int = 0, **params):
+    enc = get_encoding(name, params)
+    corpus = np.random.default_rng(seed).zipf(1.3, size=200_000) % vocab
+    return get_encoding(name, json.loads(json.dumps(enc.fit(corpus, vocab))))
+
+
+def roundtrip(enc, ids, lp, tail, seq_len: int):
+    b = len(ids) // seq_len
+    k = ids.shape[-1]
+    cols = enc.encode(ids.reshape(b, seq_len, k), lp.reshape(b, seq_len, k), tail.reshape(b, seq_len))
+    assert set(cols) == {f.name for f in enc.arrow_fields(k, seq_len)}
+    return cols, enc.decode(cols, k, seq_len)
+
+
+def assert_normalised(lp, tail, tol=1e-6):
+    total = np.exp(lp.astype(np.float64)).sum(axis=-1) + np.exp(tail.astype(np.float64))
+    assert np.abs(total - 1).max() <= tol, np.abs(total - 1).max()
+
+
+def assert_same_sets(ids_a, ids_b):
+    k = ids_a.shape[-1]
+    assert np.array_equal(np.sort(ids_a.reshape(-1, k), 1), np.sort(ids_b.reshape(-1, k), 1))
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def test_registered():
+    assert {"compact", "adaptive", "sampled"} <= set(available_encodings())
+
+
+@pytest.mark.parametrize("nbytes,top", [(1, 255), (2, 65535), (3, 2**24 - 1), (4, 2**32 - 1)])
+def test_byte_planes_roundtrip(nbytes, top):
+    x = np.array([0, 1, top, top // 3, 7], dtype=np.uint64)
+    planes = to_planes(x, nbytes)
+    assert len(planes) == nbytes and all(p.dtype == np.uint8 for p in planes)
+    assert np.array_equal(from_planes(planes, nbytes).astype(np.uint64), x)
+
+
+def test_gaps_roundtrip_ragged():
+    sizes = np.array([3, 1, 0, 4])
+    ranks = np.array([0, 5, 9, 2, 1, 2, 3, 70000])
+    starts = np.zeros(len(ranks), bool)
+    starts[[0, 3, 4]] = True
+    gaps = gaps_from_sorted(ranks, starts)
+    assert gaps.tolist() == [0, 4, 3, 2, 1, 0, 0, 69996]
+    assert np.array_equal(sorted_from_gaps(gaps, sizes), ranks)
+
+
+def test_rank_table_fit_pack_unpack_large_vocab():
+    vocab = 200_000
+    rng = np.random.default_rng(1)
+    tokens = np.concatenate([rng.integers(0, vocab, 300_000), np.full(1000, 150_000), np.full(500, 3)])
+    order = fit_rank_order(tokens, vocab)
+    assert order[0] == 150_000 and order[1] == 3
+    text = pack_rank_order(order)
+    assert np.array_equal(unpack_rank_order(text, vocab), order)
+    rm = RankMap(order, vocab)
+    ids = np.array([150_000, 3, 0, vocab - 1])
+    assert np.array_equal(rm.ids(rm.ranks(ids)), ids)
+    assert rm.ranks(np.array([150_000, 3])).tolist() == [0, 1]
+    with pytest.raises(ValueError):
+        unpack_rank_order(text, 1000)               # table does not fit the vocabulary
+    with pytest.raises(ValueError):
+        fit_rank_order(np.array([vocab]), vocab)
+
+
+def test_fit_is_deterministic_and_params_are_json():
+    enc = get_encoding("compact", {})
+    toks = np.random.default_rng(0).integers(0, 5000, 50_000)
+    a, b = enc.fit(toks, 5000), enc.fit(toks.copy(), 5000)
+    assert a == b and json.loads(json.dumps(a)) == a
+    assert get_encoding("compact", a).params() == a
+
+
+# ---------------------------------------------------------------------------
+# compact and adaptive
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fitted", [True, False])
+def test_compact_kl_bounds_on_realistic_distributions(fitted):
+    vocab, k, seq_len = 8192, 64, 128
+    logits = realistic_logits(4 * seq_len, vocab)
+    ids, lp, tail = topk_of(logits, k)
+    enc = make_fitted("compact", vocab) if fitted else get_encoding("compact", {})
+    _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+    assert ids2.shape == (4, seq_len, k) and ids2.dtype == np.int64 and lp2.dtype == np.float32
+    assert_same_sets(ids, ids2)
+    assert_normalised(lp2, tail2)
+    assert np.all(np.diff(lp2, axis=-1) <= 0), "decoded log-probs must be descending"
+    kl = coarse_kl(ids, lp, tail, ids2, lp2, tail2)
+    assert kl.mean() <= 1e-3 and kl.max() <= 5e-3, (kl.mean(), kl.max())
+    # the budget formula (k+1) step^2 / 6 predicts the mean within a factor of two
+    assert 0.5 < kl.mean() / ((k + 1) * enc.step ** 2 / 6) < 2.0
+
+
+def test_compact_vocab_above_65535_with_and_without_table():
+    vocab, k, seq_len = 200_003, 32, 16
+    logits = realistic_logits(2 * seq_len, vocab, seed=3)
+    logits[:, -50:] += 30.0                          # push the largest ids into the top-k
+    ids, lp, tail = topk_of(logits, k)
+    assert ids.max() > 65535
+    for enc in (make_fitted("compact", vocab), get_encoding("compact", {})):
+        cols, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+        assert_same_sets(ids, ids2)
+        assert_normalised(lp2, tail2)
+        assert coarse_kl(ids, lp, tail, ids2, lp2, tail2).max() < 5e-3
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_k_equals_vocab_empty_tail(name):
+    vocab = 50
+    logits = realistic_logits(2 * 8, vocab, seed=2)
+    ids, lp, tail = topk_of(logits, vocab)
+    assert np.all(np.isneginf(tail))
+    enc = make_fitted(name, vocab) if name == "compact" else get_encoding(name, {"p": 1.0, "vocab_size": vocab})
+    _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, 8)
+    assert np.all(np.isneginf(tail2))
+    assert_same_sets(ids, ids2)
+    assert_normalised(lp2, tail2)
+    assert coarse_kl(ids, lp, tail, ids2, lp2, tail2).max() < 5e-3
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_ties_and_zero_probabilities(name):
+    k, seq_len = 8, 4
+    ids = np.tile(np.arange(100, 100 + k), (seq_len, 1))
+    lp = np.full((seq_len, k), np.log(0.1), dtype=np.float32)          # 8 x 0.1 ties, tail 0.2
+    tail = np.full(seq_len, np.log(0.2), dtype=np.float32)
+    lp[1, 4:] = -np.inf                                                  # zeros inside the top-k
+    lp[1, :4] = np.log(0.2)
+    lp[2] = -np.inf                                                      # one token holds everything
+    lp[2, 0] = 0.0
+    tail[2] = -np.inf
+    lp[3, 0] = np.log1p(-1e-7 - 7 * 1e-12)                               # confident, tiny rest
+    lp[3, 1:] = np.log(1e-12)
+    tail[3] = np.log(1e-7)
+    enc = get_encoding(name, {"p": 1.0} if name == "adaptive" else {})
+    _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+    assert_normalised(lp2, tail2)
+    assert np.all(lp2[0, 0] == lp2[0, 0, 0])                             # ties decode equal
+    np.testing.assert_allclose(np.exp(lp2[0, 0]), 0.1, rtol=0.01)
+    np.testing.assert_allclose(np.exp(tail2[0, 0]), 0.2, rtol=0.02)
+    assert np.sum(np.isneginf(lp2[0, 1])) == 4                           # zeros stay exactly zero
+    assert sorted(ids2[0, 1, :4].tolist()) == [100, 101, 102, 103]
+    assert lp2[0, 2, 0] == 0.0 and ids2[0, 2, 0] == 100 and np.all(np.isneginf(lp2[0, 2, 1:]))
+    assert np.isneginf(tail2[0, 2])
+    np.testing.assert_allclose(tail2[0, 3], np.log(1e-7), atol=0.02)     # tiny tail keeps ~2% precision
+    kl = coarse_kl(ids, lp, tail, ids2, lp2, tail2)
+    assert np.all(kl < 5e-3), kl
+
+
+def test_tiny_topk_mass_keeps_relative_precision():
+    """Flat huge vocabulary: the top-k holds 1e-4 of the mass; storing log T alone would lose it."""
+    k, seq_len = 16, 2
+    ids = np.tile(np.arange(k), (seq_len, 1))
+    lp = np.full((seq_len, k), np.log(1e-4 / k), dtype=np.float32)
+    tail = np.full(seq_len, np.log1p(-1e-4), dtype=np.float32)
+    enc = get_encoding("compact", {"vocab_size": 300_000})
+    _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+    np.testing.assert_allclose(np.exp(lp2.astype(np.float64)).sum(-1), 1e-4, rtol=0.02)
+    assert coarse_kl(ids, lp, tail, ids2, lp2, tail2).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_invalid_inputs_raise(name):
+    enc = get_encoding(name, {"vocab_size": 100})
+    ids = np.array([[[1, 2, 3]]])
+    lp = np.log(np.array([[[0.5, 0.2, 0.1]]], dtype=np.float32))
+    tail = np.log(np.array([[0.2]], dtype=np.float32))
+    with pytest.raises(ValueError):
+        enc.encode(np.array([[[1, 1, 3]]]), lp, tail)        # duplicate id
+    with pytest.raises(ValueError):
+        enc.encode(ids, np.full_like(lp, np.nan), tail)
+    with pytest.raises(ValueError):
+        enc.encode(np.array([[[1, 2, 100]]]), lp, tail)      # id outside the vocabulary
+    with pytest.raises(ValueError):
+        get_encoding(name, {"step": 0.0})
+
+
+@pytest.mark.parametrize("name", TOPK + ("sampled",))
+def test_parquet_roundtrip_and_json_params(name):
+    vocab, k, seq_len, rows = 8192, 16, 32, 5
+    logits = realistic_logits(rows * seq_len, vocab, seed=4)
+    enc = make_fitted(name, vocab, **({"S": k} if name == "sampled" else {}))
+    if name == "sampled":
+        a, b = draw_samples(logits.astype(np.float32), k, torch.Generator().manual_seed(0))
+    else:
+        a, b, tail = topk_of(logits, k)
+    args = (a.reshape(rows, seq_len, k), b.reshape(rows, seq_len, k))
+    if name != "sampled":
+        args += (tail.reshape(rows, seq_len),)
+    cols = enc.encode(*args)
+    table = pa.table(cols, schema=pa.schema(enc.arrow_fields(k, seq_len)))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=2, use_dictionary=False)
+    back = pq.read_table(io.BytesIO(buf.getvalue()))
+    assert any(isinstance(back.column(c), pa.ChunkedArray) and back.column(c).num_chunks > 1 for c in cols)
+    again = get_encoding(name, json.loads(json.dumps(enc.params())))
+    direct = enc.decode(cols, k, seq_len)
+    via_parquet = again.decode({c: back.column(c) for c in back.column_names}, k, seq_len)
+    sliced = enc.decode({c: v.slice(1, 3) for c, v in cols.items()}, k, seq_len)    # non-zero offsets
+    for x, y, z in zip(direct, via_parquet, sliced):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x[1:4], z)
+
+
+def test_adaptive_folds_dropped_mass_into_the_tail():
+    vocab, k, seq_len = 8192, 64, 64
+    logits = realistic_logits(2 * seq_len, vocab, seed=5)
+    ids, lp, tail = topk_of(logits, k)
+    enc = make_fitted("adaptive", vocab, p=0.9)
+    _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+    ids2, lp2, tail2 = ids2.reshape(-1, k), lp2.reshape(-1, k), tail2.reshape(-1)
+    assert_normalised(lp2, tail2)
+    kept = ~np.isneginf(lp2)
+    n_kept = kept.sum(1)
+    cum = np.cumsum(np.exp(lp.astype(np.float64)), axis=1)
+    expect = np.minimum(1 + (cum < 0.9).sum(1), k)
+    assert np.array_equal(n_kept, expect)
+    assert 1 <= n_kept.min() and n_kept.min() < k                       # the data does exercise it
+    # kept tokens are the most probable prefix; padding repeats the first id
+    for r in range(len(ids)):
+        assert set(ids2[r, :n_kept[r]]) == set(ids[r, :n_kept[r]])
+        assert np.all(ids2[r, n_kept[r]:] == ids2[r, 0])
+    kl = coarse_kl(ids, lp, tail, ids2, lp2, tail2)
+    assert kl.mean() <= 1e-3 and kl.max() <= 5e-3
+    # p = 1 keeps everything and decodes exactly like compact
+    full = make_fitted("adaptive", vocab, p=1.0)
+    comp = make_fitted("compact", vocab)
+    for x, y in zip(roundtrip(full, ids, lp, tail, seq_len)[1], roundtrip(comp, ids, lp, tail, seq_len)[1]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_adaptive_padding_is_exact_for_forward_kl():
+    """The padded [N, k] rows give the same tail-bucket forward KL (value and gradient) as the
+    unpadded kept tokens + tail: padding neither adds teacher mass nor removes student mass."""
+    vocab, k, seq_len = 300, 32, 16
+    logits = realistic_logits(seq_len, vocab, seed=6)
+    ids, lp, tail = topk_of(logits, k)
+    enc = get_encoding("adaptive", {"p": 0.8, "vocab_size": vocab})
+    _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+    ids2, lp2, tail2 = ids2.reshape(-1, k), lp2.reshape(-1, k), tail2.reshape(-1)
+    student = torch.randn(seq_len, vocab, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.bool)
+    for r in range(seq_len):
+        n = int((~np.isneginf(lp2[r])).sum())
+        z1 = student[r:r + 1].clone().requires_grad_(True)
+        a = forward_kl(z1, torch.from_numpy(ids2[r:r + 1]), torch.from_numpy(lp2[r:r + 1]).double(),
+                       torch.from_numpy(tail2[r:r + 1]).double(), one)
+        a.backward()
+        z2 = student[r:r + 1].clone().requires_grad_(True)
+        b = forward_kl(z2, torch.from_numpy(ids2[r:r + 1, :n]), torch.from_numpy(lp2[r:r + 1, :n]).double(),
+                       torch.from_numpy(tail2[r:r + 1]).double(), one)
+        b.backward()
+        assert torch.allclose(a, b, atol=1e-12) and torch.allclose(z1.grad, z2.grad, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# sampled
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab,S", [(8192, 16), (200_000, 16), (40, 1), (40, 300)])
+def test_sampled_roundtrip(vocab, S):
+    seq_len, rows = 16, 3
+    rng = np.random.default_rng(7)
+    logits = realistic_logits(rows * seq_len, vocab, seed=7).astype(np.float32)
+    if vocab > 65535:
+        logits[:, -10:] += 40.0
+    logits[0] = -np.inf
+    logits[0, vocab - 1] = 0.0                       # one certain token: a single id with count S
+    ids, counts = draw_samples(logits, S, torch.Generator().manual_seed(int(rng.integers(1 << 30))))
+    for enc in (make_fitted("sampled", vocab, S=S), get_encoding("sampled", {"S": S})):
+        cols = enc.encode(ids.reshape(rows, seq_len, S), counts.reshape(rows, seq_len, S))
+        ids2, counts2 = enc.decode(cols, S, seq_len)
+        assert ids2.shape == counts2.shape == (rows, seq_len, S) and counts2.dtype == np.int32
+        ids2, counts2 = ids2.reshape(-1, S), counts2.reshape(-1, S)
+        assert np.all(counts2.sum(1) == S)
+        assert np.all(ids2[counts2 == 0] == 0)
+        assert ids2[0, 0] == vocab - 1 and counts2[0, 0] == S
+        for r in range(rows * seq_len):
+            before = dict(zip(ids[r][counts[r] > 0].tolist(), counts[r][counts[r] > 0].tolist()))
+            after = dict(zip(ids2[r][counts2[r] > 0].tolist(), counts2[r][counts2[r] > 0].tolist()))
+            assert before == after
+    if vocab > 65535:
+        assert ids.max() > 65535
+
+
+def test_sampled_rejects_bad_counts():
+    enc = get_encoding("sampled", {"S": 4})
+    ids = np.array([[[1, 2, 0, 0]]])
+    with pytest.raises(ValueError):
+        enc.encode(ids, np.array([[[2, 1, 0, 0]]]))          # does not sum to S
+    with pytest.raises(ValueError):
+        enc.encode(np.array([[[1, 1, 0, 0]]]), np.array([[[2, 2, 0, 0]]]))   # duplicate id
