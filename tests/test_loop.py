@@ -79,14 +79,36 @@ def write_cache(teacher_dir: Path, data: str, out: Path, work: Path, *, k: int =
     return out
 
 
+def produce_cache(teacher_dir: Path, data: str, root: Path, *, k: int = 8, seq_len: int = SEQ,
+                  rows_per_shard: int = 32) -> Path:
+    """`logitcache produce` (fp32) into `root`; returns the cache folder.
+
+    Falls back to `write_cache` (the same arrays through CacheWriter) where the producer is absent.
+    """
+    try:
+        from logitcache.cli import main as logitcache_main
+        from logitcache.commands import produce  # noqa: F401
+    except ImportError:
+        return write_cache(teacher_dir, data, root / "cache", root, k=k, seq_len=seq_len,
+                           rows_per_shard=rows_per_shard)
+    code = logitcache_main(["produce", "--teacher", str(teacher_dir), "--data", data, "--out", str(root),
+                            "--k", str(k), "--seq-len", str(seq_len), "--rows-per-shard", str(rows_per_shard),
+                            "--batch-size", "16", "--encoding", "fp32", "--dtype", "float32", "--no-progress"])
+    assert code == 0
+    (cache,) = [p.parent for p in root.glob("*/manifest.json")]
+    return cache
+
+
 @pytest.fixture(scope="session")
 def caches(tmp_path_factory, tiny_teachers, corpus_dir, heldout_file) -> dict[str, Path]:
-    """Top-8 fp32 caches of the tiny Llama teacher: `train` (the corpus) and `heldout`."""
+    """Top-8 fp32 caches of the tiny Llama teacher: `train` (the corpus) and `heldout`.
+
+    `work` is a folder for the windows of --eval-data runs.
+    """
     root = tmp_path_factory.mktemp("caches")
-    work = root / "work"
-    return {"train": write_cache(tiny_teachers["llama"], str(corpus_dir), root / "train", work),
-            "heldout": write_cache(tiny_teachers["llama"], str(heldout_file), root / "heldout", work),
-            "work": work}
+    train = produce_cache(tiny_teachers["llama"], str(corpus_dir), root / "train")
+    heldout = produce_cache(tiny_teachers["llama"], str(heldout_file), root / "heldout")
+    return {"train": train, "heldout": heldout, "work": root / "work"}
 
 
 def run_trainer(*argv: str) -> int:

@@ -290,11 +290,15 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
             sums, window_steps, t_window, wait_window = {}, 0, time.perf_counter(), 0.0
 
     bar.close()
+    if hasattr(loader, "close"):
+        loader.close()          # stop DataLoader workers now, not at garbage collection
+    del loader
     summary["step"] = step
     summary["finished"] = step >= cfg.steps
     if summary["finished"] and env.is_main:
         save_final(model, tokenizer, out, run)
     if env.world > 1:
+        del ddp_model           # DDP's reducer must die before its process group, else gloo hangs
         dist.barrier()
         dist.destroy_process_group()
     return summary
