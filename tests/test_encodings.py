@@ -16,6 +16,7 @@ from logitcache.encodings.bytes import (RankMap, fit_rank_order, from_planes, ga
                                         sorted_from_gaps, to_planes, unpack_rank_order)
 from logitcache.encodings.compact import coarse_kl
 from logitcache.encodings.sampled import draw_samples
+from logitcache.errors import UserError
 from trainer.losses import forward_kl
 
 TOPK = ("compact", "adaptive")
@@ -231,8 +232,10 @@ def test_invalid_inputs_raise(name):
         enc.encode(ids, np.full_like(lp, np.nan), tail)
     with pytest.raises(ValueError):
         enc.encode(np.array([[[1, 2, 100]]]), lp, tail)      # id outside the vocabulary
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError):
         get_encoding(name, {"step": 0.0})
+    with pytest.raises(UserError):
+        get_encoding(name, {"vocab_size": 100, "rank_table": "zstd+b64:AAAA"})
 
 
 @pytest.mark.parametrize("name", TOPK + ("sampled",))
@@ -351,3 +354,30 @@ def test_sampled_rejects_bad_counts():
         enc.encode(ids, np.array([[[2, 1, 0, 0]]]))          # does not sum to S
     with pytest.raises(ValueError):
         enc.encode(np.array([[[1, 1, 0, 0]]]), np.array([[[2, 2, 0, 0]]]))   # duplicate id
+
+
+@pytest.mark.parametrize("name", TOPK + ("sampled",))
+def test_corrupt_streams_are_rejected(name):
+    """Readers get shards from strangers: out-of-range ids or codes and inconsistent lengths raise."""
+    vocab, k, seq_len = 1000, 8, 4
+    logits = realistic_logits(seq_len, vocab, seed=8)
+    enc = get_encoding(name, {"vocab_size": vocab, **({"S": k} if name == "sampled" else {})})
+    if name == "sampled":
+        cols = enc.encode(*[a.reshape(1, seq_len, k) for a in draw_samples(logits.astype(np.float32), k)])
+    else:
+        ids, lp, tail = topk_of(logits, k)
+        cols = enc.encode(ids.reshape(1, seq_len, k), lp.reshape(1, seq_len, k), tail.reshape(1, seq_len))
+    gap_hi = [c for c in cols if "gap" in c][-1]
+    first = [c for c in cols if c.endswith("_b0")][0]
+    for column, mutate in [(gap_hi, lambda b: b"\xff" * len(b)),     # ids far beyond the vocabulary
+                           (first, lambda b: b[:-1])]:                 # a stream one element short
+        bad = dict(cols)
+        bad[column] = pa.array([mutate(cols[column][0].as_py())], pa.binary())
+        with pytest.raises(ValueError):
+            enc.decode(bad, k, seq_len)
+    if name != "sampled":
+        val = [c for c in cols if "val" in c][0]
+        bad = dict(cols)
+        bad[val] = pa.array([b"\xfe" * len(cols[val][0].as_py())], pa.binary())   # code above cmax
+        with pytest.raises(ValueError):
+            enc.decode(bad, k, seq_len)

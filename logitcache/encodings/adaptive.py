@@ -25,6 +25,7 @@ import pyarrow as pa
 from logitcache.encodings import register
 from logitcache.encodings.bytes import gaps_from_sorted, get_stream, nbytes_for, put_stream, sorted_from_gaps, stream_fields
 from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
+from logitcache.errors import UserError
 
 
 @register
@@ -36,7 +37,7 @@ class AdaptiveEncoding(_SetCodec):
     def __init__(self, p: float = 0.95, **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(p, (int, float)) and 0.0 < p <= 1.0):
-            raise ValueError(f"adaptive: p must lie in (0, 1], got {p!r}")
+            raise UserError(f"encoding adaptive: p must lie in (0, 1], got {p!r}")
         self.p = float(p)
 
     def params(self) -> dict:
@@ -103,6 +104,7 @@ class AdaptiveEncoding(_SetCodec):
         if codes.size and codes.max() > self.max_code:
             raise ValueError("adaptive: value code out of range")
         ranks = sorted_from_gaps(gaps, sizes)
+        self.check_ranks(ranks)
         log_topk, log_tail = self.split_mass(tail_code)
         ids, logprobs = self.dense_from_sets(ranks, codes.astype(np.int64), sizes, k, log_topk)
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),

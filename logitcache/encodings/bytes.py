@@ -11,10 +11,13 @@ Huffman stage, and high planes that are almost all zero cost almost nothing.
 from __future__ import annotations
 
 import base64
+import binascii
 
 import numpy as np
 import pyarrow as pa
 import zstandard
+
+from logitcache.errors import UserError
 
 # ---------------------------------------------------------------------------
 # byte planes
@@ -204,6 +207,20 @@ class RankMap:
         if self.id_of is None:
             return ranks.astype(np.int64)
         return np.take(self.id_of, ranks)
+
+
+def check_vocab_and_table(name: str, vocab_size, rank_table) -> tuple[int | None, str | None, RankMap]:
+    """Validate the `vocab_size` / `rank_table` parameters shared by the set codecs (UserError)."""
+    if vocab_size is not None and not (isinstance(vocab_size, int) and not isinstance(vocab_size, bool)
+                                       and 1 <= vocab_size < 2**31):
+        raise UserError(f"encoding {name}: vocab_size must be a positive integer, got {vocab_size!r}")
+    if rank_table is not None and vocab_size is None:
+        raise UserError(f"encoding {name}: a rank_table needs vocab_size")
+    try:
+        order = unpack_rank_order(rank_table, vocab_size) if rank_table is not None else None
+    except (ValueError, zstandard.ZstdError, binascii.Error) as exc:
+        raise UserError(f"encoding {name}: unreadable rank_table ({exc})") from None
+    return vocab_size, rank_table, RankMap(order, vocab_size)
 
 
 # ---------------------------------------------------------------------------

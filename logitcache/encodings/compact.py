@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import register
-from logitcache.encodings.bytes import (RANK_TABLE_MAX, RankMap, fit_rank_order, gaps_from_sorted, get_stream,
-                                        nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
-                                        stream_fields, unpack_rank_order)
+from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, gaps_from_sorted,
+                                        get_stream, nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
+                                        stream_fields)
+from logitcache.errors import UserError
 
 TAIL_ZERO = 0           # stored code: the tail is exactly 0 (log T = -inf), e.g. k == vocab
 TAIL_ALL = 0xFFFF       # stored code: the top-k mass is exactly 0 (every top-k log-prob is -inf)
@@ -44,19 +45,12 @@ class _SetCodec:
     def __init__(self, step: float = 0.009, tail_step: float = 1 / 32, vocab_size: int | None = None,
                  rank_table: str | None = None):
         if not (isinstance(step, (int, float)) and 1e-5 <= step <= 0.5):
-            raise ValueError(f"{self.name}: step must lie in [1e-5, 0.5], got {step!r}")
+            raise UserError(f"encoding {self.name}: step must lie in [1e-5, 0.5], got {step!r}")
         if not (isinstance(tail_step, (int, float)) and 1e-4 <= tail_step <= 1.0):
-            raise ValueError(f"{self.name}: tail_step must lie in [1e-4, 1], got {tail_step!r}")
-        if vocab_size is not None and not (isinstance(vocab_size, int) and 1 <= vocab_size < 2**31):
-            raise ValueError(f"{self.name}: vocab_size must be a positive integer, got {vocab_size!r}")
-        if rank_table is not None and vocab_size is None:
-            raise ValueError(f"{self.name}: a rank_table needs vocab_size")
+            raise UserError(f"encoding {self.name}: tail_step must lie in [1e-4, 1], got {tail_step!r}")
         self.step = float(step)
         self.tail_step = float(tail_step)
-        self.vocab_size = vocab_size
-        self.rank_table = rank_table
-        order = unpack_rank_order(rank_table, vocab_size) if rank_table is not None else None
-        self.ranks = RankMap(order, vocab_size)
+        self.vocab_size, self.rank_table, self.ranks = check_vocab_and_table(self.name, vocab_size, rank_table)
         self.gap_bytes = nbytes_for(vocab_size - 1) if vocab_size is not None else 4
         self.rank_bits = max(1, (vocab_size - 1).bit_length()) if vocab_size is not None else 31
         # value codes: 0 -> p = 0; 1 -> sqrt(p) < step/2; c >= 2 -> sqrt(p) ~ (c - 1) * step
@@ -129,6 +123,10 @@ class _SetCodec:
 
     # -- sorting helpers ------------------------------------------------------
 
+    def check_ranks(self, ranks: np.ndarray) -> None:
+        if ranks.size and int(ranks.max()) >= (self.vocab_size or 2**31 - 1):
+            raise ValueError(f"{self.name}: decoded token id outside the vocabulary")
+
     def sort_by_rank(self, ids: np.ndarray, codes: np.ndarray, drop: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
         """[N, n] ids and codes -> (ranks, codes) sorted by ascending rank per row; `drop`ped last."""
@@ -143,15 +141,13 @@ class _SetCodec:
                         log_topk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Flat per-position sets -> ([N, n] int64 ids, [N, n] float32 log-probs), descending by value.
 
-        `ranks` (int32-compatible) and `codes` are flat, set after set; `sizes` gives each set's
+        `ranks` (checked by the caller to lie below V) and `codes` are flat, set after set; `sizes` gives each set's
         length (None: all n). Values are rescaled so that each row's probabilities sum to
         exp(log_topk). Slots past a set's size are padding: log-prob -inf and the id of the row's
         first (most probable) entry, so a loss that scatters the ids removes nothing twice.
         Ties keep rank order (the more frequent token first).
         """
         rows = len(log_topk)
-        if ranks.size and int(ranks.max()) >= (self.vocab_size or 2**31 - 1):
-            raise ValueError(f"{self.name}: decoded token id outside the vocabulary")
         key = np.subtract(self.max_code, codes, dtype=self._key_dtype)       # inverted code: sorts descending
         key <<= self.rank_bits
         key |= ranks.view(self._key_dtype) if ranks.dtype == np.uint32 and self._key_dtype == np.int32 else ranks.astype(self._key_dtype)
@@ -175,7 +171,8 @@ class _SetCodec:
             shift = np.where(mass > 0, log_topk - np.log(np.where(mass > 0, mass, 1.0)), 0.0)
         logprobs = np.take(self._logp_of_inv, inv)
         logprobs += shift.astype(np.float32)[:, None]
-        np.minimum(logprobs, 0.0, out=logprobs)                              # rounding must not give p > 1
+        if n:                                # rounding must not give p > 1; only the first can
+            np.minimum(logprobs[:, 0], 0.0, out=logprobs[:, 0])
         return ids, logprobs
 
 
@@ -221,6 +218,9 @@ class CompactEncoding(_SetCodec):
         if codes.size and codes.max() > self.max_code:
             raise ValueError(f"{self.name}: value code out of range")
         ranks = ranks_from_fixed_gaps(gaps, n, k)
+        # with gaps below 2**16 no set can wrap, ranks increase within a set: its last is its largest
+        top = ranks.reshape(n, k)[:, -1] if self.gap_bytes <= 2 else ranks
+        self.check_ranks(top)
         log_topk, log_tail = self.split_mass(tail_code)
         ids, logprobs = self.dense_from_sets(ranks, codes, None, k, log_topk)
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),

@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import register
-from logitcache.encodings.bytes import (RANK_TABLE_MAX, RankMap, fit_rank_order, gaps_from_sorted, get_stream,
-                                        nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
-                                        stream_fields, unpack_rank_order)
+from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, gaps_from_sorted,
+                                        get_stream, nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
+                                        stream_fields)
+from logitcache.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where samples are drawn, not by readers of the format
     import torch
@@ -75,17 +76,10 @@ class SampledEncoding:
     outputs = ("sample_ids", "sample_counts")
 
     def __init__(self, S: int = 16, vocab_size: int | None = None, rank_table: str | None = None):
-        if not (isinstance(S, int) and 1 <= S <= 65535):
-            raise ValueError(f"sampled: S must be an integer in [1, 65535], got {S!r}")
-        if vocab_size is not None and not (isinstance(vocab_size, int) and 1 <= vocab_size < 2**31):
-            raise ValueError(f"sampled: vocab_size must be a positive integer, got {vocab_size!r}")
-        if rank_table is not None and vocab_size is None:
-            raise ValueError("sampled: a rank_table needs vocab_size")
+        if not (isinstance(S, int) and not isinstance(S, bool) and 1 <= S <= 65535):
+            raise UserError(f"encoding sampled: S must be an integer in [1, 65535], got {S!r}")
         self.S = S
-        self.vocab_size = vocab_size
-        self.rank_table = rank_table
-        self.ranks = RankMap(unpack_rank_order(rank_table, vocab_size) if rank_table is not None else None,
-                             vocab_size)
+        self.vocab_size, self.rank_table, self.ranks = check_vocab_and_table(self.name, vocab_size, rank_table)
         self.gap_bytes = nbytes_for(vocab_size - 1) if vocab_size is not None else 4
         self.len_bytes = nbytes_for(S - 1)
 
