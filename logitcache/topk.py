@@ -6,6 +6,9 @@ No full `log_softmax` tensor is built. For a chunk of rows `x` (float32, [n, V])
 2. `rest = sum(exp(x - m2))` over the non-top-k columns only: the top-k slots of the exp buffer are
    overwritten with 0 before summing (an overflowed `inf` there is harmless, it is overwritten).
    Every term is <= 1 and the (k+1)-th is exactly 1, so the sum never underflows or overflows.
+   On a CPU, when every logit of the chunk is below 60 and every m2 above -50 (the usual case),
+   `exp(x)` is taken unshifted instead, saving a pass: nothing can overflow, and any term that
+   underflows is below e^-37 of the (k+1)-th term.
 3. `lse = logsumexp([top-k logits, m2 + log(rest)])` over k + 1 numbers.
 4. `tail_logmass = m2 + log(rest) - lse`, `topk_logprobs = topk_logits - lse`.
 
@@ -26,34 +29,44 @@ from __future__ import annotations
 import torch
 
 
-def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk_size: int = 4096
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# Logit ranges where exp needs no shift: no overflow while summing (e^60 * 1e6 columns << float32
+# max), and any term that underflows is < e^-37 of the (k+1)-th term, far below float32 rounding.
+_UNSHIFTED_MAX, _UNSHIFTED_MIN = 60.0, -50.0
+
+
+def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk_size: int = 4096, *,
+                     overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] (any float dtype), targets [N] int -> float32 results on logits' device.
 
     Returns (topk_ids int32 [N, k] in descending log-prob order, topk_logprobs float32 [N, k],
     tail_logmass float32 [N], target_logprob float32 [N]); rows are processed `chunk_size` at a
-    time so the float32 working copies stay at chunk_size x V.
+    time so the float32 working copies stay at chunk_size x V. With `overwrite`, float32 logits are
+    used as the exp buffer (their values are destroyed): no allocation, one pass less.
     """
     assert logits.dim() == 2 and targets.shape == logits.shape[:1], (logits.shape, targets.shape)
     n, vocab = logits.shape
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k} must be in 1..{vocab}")
+    targets = targets.to(device=logits.device, dtype=torch.long)
+    chunk_size = max(1, chunk_size)
+    if n <= chunk_size:
+        return _chunk(logits.float(), targets, k, overwrite or logits.dtype != torch.float32)
     dev = logits.device
     ids_out = torch.empty(n, k, dtype=torch.int32, device=dev)
     lp_out = torch.empty(n, k, dtype=torch.float32, device=dev)
     tail_out = torch.empty(n, dtype=torch.float32, device=dev)
     tgt_out = torch.empty(n, dtype=torch.float32, device=dev)
-    targets = targets.to(device=dev, dtype=torch.long)
-    for s in range(0, n, max(1, chunk_size)):
-        e = min(n, s + max(1, chunk_size))
-        ids, lp, tail, tgt = _chunk(logits[s:e].float(), targets[s:e], k)
-        ids_out[s:e], lp_out[s:e], tail_out[s:e], tgt_out[s:e] = ids, lp, tail, tgt
+    for s in range(0, n, chunk_size):
+        e = min(n, s + chunk_size)
+        ids_out[s:e], lp_out[s:e], tail_out[s:e], tgt_out[s:e] = _chunk(
+            logits[s:e].float(), targets[s:e], k, overwrite or logits.dtype != torch.float32)
     return ids_out, lp_out, tail_out, tgt_out
 
 
-def _chunk(x: torch.Tensor, targets: torch.Tensor, k: int):
-    """x [n, V] float32 (may alias the caller's tensor: never written)."""
+def _chunk(x: torch.Tensor, targets: torch.Tensor, k: int, writable: bool):
+    """x [n, V] float32; written to (as the exp buffer) only when `writable`."""
     vocab = x.shape[1]
+    target_logit = x.gather(1, targets[:, None]).squeeze(1)                 # (n,) before x is reused
     if k == vocab:
         vals, ids = torch.sort(x, dim=1, descending=True)
         lse = torch.logsumexp(vals, dim=1)                                     # (n,)
@@ -61,13 +74,19 @@ def _chunk(x: torch.Tensor, targets: torch.Tensor, k: int):
     else:
         vals, ids = torch.topk(x, k + 1, dim=1, sorted=True)                   # (n, k+1)
         m2 = vals[:, k:]                                                      # (n, 1) max outside top-k
-        m2 = torch.where(torch.isfinite(m2), m2, torch.zeros_like(m2))        # all -inf outside: tail -inf
         ids, vals = ids[:, :k], vals[:, :k]
-        buf = torch.sub(x, m2).exp_()                                         # (n, V), <= 1 off the top-k
-        buf.scatter_(1, ids, 0.0)                                             # drop the top-k terms
-        tail_lse = m2.squeeze(1) + buf.sum(dim=1).log_()                      # (n,) log sum_{not top-k} e^x
+        buf = x if writable else torch.empty_like(x)
+        if x.device.type == "cpu" and bool((vals[:, 0].max() < _UNSHIFTED_MAX) & (m2.min() > _UNSHIFTED_MIN)):
+            shift = None                                                      # common case: one pass
+            torch.exp(x, out=buf)
+        else:                                                                 # shift by m2: terms <= 1 off the top-k
+            shift = torch.where(torch.isfinite(m2), m2, torch.zeros_like(m2))  # all -inf outside: tail -inf
+            torch.sub(x, shift, out=buf).exp_()
+        buf.scatter_(1, ids, 0.0)                                             # drop the top-k terms (inf too)
+        tail_lse = buf.sum(dim=1).log_()                                      # (n,) log sum_{not top-k} e^x
+        if shift is not None:
+            tail_lse += shift.squeeze(1)
         lse = torch.logsumexp(torch.cat([vals, tail_lse[:, None]], dim=1), dim=1)
         tail = tail_lse - lse
     logprobs = vals - lse[:, None]
-    target = x.gather(1, targets[:, None]).squeeze(1) - lse
-    return ids.to(torch.int32), logprobs, tail, target
+    return ids.to(torch.int32), logprobs, tail, target_logit - lse

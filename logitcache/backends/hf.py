@@ -103,7 +103,8 @@ class HFBackend:
         for s in range(0, n, c):
             e = min(n, s + c)
             logits = self.head(hidden[s:e])                                          # (c, V)
-            ids[s:e], lp[s:e], tail[s:e], tgt[s:e] = topk_from_logits(logits, targets[s:e], k, chunk_size=c)
+            ids[s:e], lp[s:e], tail[s:e], tgt[s:e] = topk_from_logits(logits, targets[s:e], k, chunk_size=c,
+                                                                      overwrite=True)
         if not bool(torch.isfinite(lp[:, 0]).all()):
             raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
                             f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
