@@ -50,7 +50,7 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
             num_workers: int = 1, worker_index: int = 0, text_column: str = "text",
             max_windows: int | None = None, backend: str = "auto", *, revision: str | None = None,
             trust_remote_code: bool = False, logits_chunk: int | None = None,
-            progress: bool = True) -> list[Path]:
+            progress: bool = True, backend_options: dict | None = None) -> list[Path]:
     """Write one cache per teacher under `out` and return their folders (see the module doc)."""
     out = Path(out)
     _check_arguments(teachers, k, seq_len, batch_size, rows_per_shard, num_workers, worker_index,
@@ -90,7 +90,8 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
         # 5. Load and run only when there is work.
         if todo:
             model = make_backend(backend_name, name, k=k, device=device, dtype=dtype, revision=rev,
-                                 trust_remote_code=trust_remote_code, chunk_size=logits_chunk)
+                                 trust_remote_code=trust_remote_code, chunk_size=logits_chunk,
+                                 seq_len=seq_len, **(backend_options or {}))
             try:
                 loaded = model.describe()
                 if loaded["vocab_size"] != teacher["vocab_size"]:

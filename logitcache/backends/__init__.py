@@ -24,7 +24,7 @@ import numpy as np
 
 from logitcache.errors import UserError
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "vllm")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
@@ -51,9 +51,11 @@ class Backend(Protocol):
 
 
 def resolve_backend_name(name: str) -> str:
-    """`auto` is `hf` for now (the transformers backend runs every causal LM on any device)."""
+    """`auto` is `vllm` when it is installed and CUDA is present, else `hf` (runs anywhere)."""
     if name == "auto":
-        return "hf"
+        from logitcache.backends.vllm import cuda_available, vllm_available
+
+        return "vllm" if vllm_available() and cuda_available() else "hf"
     if name not in BACKENDS:
         raise UserError(f"--backend {name}: unknown (known: {', '.join(BACKEND_CHOICES)})")
     return name
@@ -61,12 +63,20 @@ def resolve_backend_name(name: str) -> str:
 
 def make_backend(name: str, teacher: str, *, k: int, device: str = "cpu", dtype: str = "auto",
                  revision: str | None = None, trust_remote_code: bool = False,
-                 chunk_size: int | None = None) -> Backend:
-    """Load `teacher` with the named backend (`hf`, or `auto`)."""
+                 chunk_size: int | None = None, seq_len: int | None = None, **vllm_options) -> Backend:
+    """Load `teacher` with the named backend (`hf`, `vllm`, or `auto`); `vllm_options` are
+    VLLMBackend's engine settings (tensor_parallel_size, max_num_batched_tokens, ...), unused by hf.
+    With `seq_len` given, vLLM's context is sized to one window (seq_len + 1 tokens + 1 generated)."""
     name = resolve_backend_name(name)
     if name == "hf":
         from logitcache.backends.hf import HFBackend
 
         return HFBackend(teacher, k, device, dtype, revision=revision, chunk_size=chunk_size,
                          trust_remote_code=trust_remote_code)
+    if name == "vllm":
+        from logitcache.backends.vllm import VLLMBackend
+
+        options = {"max_model_len": seq_len + 2 if seq_len else None, **vllm_options}
+        return VLLMBackend(teacher, k, dtype, revision=revision, trust_remote_code=trust_remote_code,
+                           **{key: v for key, v in options.items() if v is not None})
     raise AssertionError(name)

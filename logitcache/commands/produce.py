@@ -51,13 +51,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text", help="column holding the text in jsonl/parquet/hub data")
     p.add_argument("--max-windows", type=int, default=None, help="use only the first N windows of the corpus")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                   help="how to run the teacher: hf (transformers); auto picks hf")
+                   help="how to run the teacher: hf (transformers) or vllm (docs/vllm.md); auto picks "
+                        "vllm when it is installed and CUDA is present, else hf")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of the teachers")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model and tokenizer code from the checkpoint to run (off by default)")
     p.add_argument("--logits-chunk", type=int, default=None,
                    help="positions per LM-head chunk (default: ~256 MB of float32 logits on a GPU, "
                         "~8 MB on a CPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vllm: tokens per engine step (chunked prefill); bounds the [tokens, vocab] float32 "
+                        "log-prob buffer, e.g. 8192 x 152k x 4 B = 5 GB (default: vLLM's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per teacher (default 1)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vllm: share of GPU memory the engine may take (default 0.9)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -69,5 +76,8 @@ def run(args: argparse.Namespace) -> int:
             encoding=args.encoding, num_workers=args.num_workers, worker_index=args.worker_index,
             text_column=args.text_column, max_windows=args.max_windows, backend=args.backend,
             revision=args.revision, trust_remote_code=args.trust_remote_code,
-            logits_chunk=args.logits_chunk, progress=not args.no_progress)
+            logits_chunk=args.logits_chunk, progress=not args.no_progress,
+            backend_options={"max_num_batched_tokens": args.max_num_batched_tokens,
+                             "tensor_parallel_size": args.tensor_parallel_size,
+                             "gpu_memory_utilization": args.gpu_memory_utilization})
     return 0
