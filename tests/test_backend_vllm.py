@@ -87,6 +87,14 @@ def test_window_longer_than_the_engine_is_refused_with_the_fix():
         check_window_fits(128, 128, "t")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice on a machine without CUDA")
+def test_auto_picks_hf_without_cuda():
+    from logitcache.backends import resolve_backend_name
+
+    assert resolve_backend_name("auto") == "hf"
+    assert resolve_backend_name("vllm") == "vllm"
+
+
 def test_importing_the_backend_does_not_import_vllm():
     code = "import sys, logitcache.backends.vllm, logitcache.backends; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
