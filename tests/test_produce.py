@@ -123,7 +123,7 @@ def cli_env() -> dict:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_bytes(capsys, tmp_path, tiny_teachers, corpus_dir):
+def test_interrupted_and_killed_runs_resume_to_the_same_bytes(capsys, tmp_path, tiny_teachers, corpus_dir):
     common = ["--teacher", str(tiny_teachers["llama"]), "--data", str(corpus_dir), "--k", "8", "--seq-len", "16",
               "--rows-per-shard", "2", "--batch-size", "2", "--max-windows", "120", "--no-progress"]
     # the reference: one uninterrupted run (in-process, one thread like the subprocess)
@@ -131,31 +131,44 @@ def test_killed_run_resumes_to_the_same_bytes(capsys, tmp_path, tiny_teachers, c
     assert rc == 0 and fmt.load_manifest(reference)["num_shards"] == 60
 
     root = tmp_path / "killed"
-    proc = subprocess.Popen(cli_command(*common, "--out", str(root)), env=cli_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    manifest = root / reference.name / fmt.MANIFEST_NAME
-    deadline, listed = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            listed = len(json.loads(manifest.read_text())["shards"])
-        except (FileNotFoundError, json.JSONDecodeError):
-            listed = 0
-        if listed >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.communicate()[1][-500:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    partial = fmt.load_manifest(root / reference.name)
-    assert not partial["complete"] and 3 <= len(partial["shards"]) < 60
+    cache = root / reference.name
+
+    def start_and_stop(sig: int, at_least: int) -> subprocess.Popen:
+        """Start a run, wait until `at_least` shards are listed, send `sig`, wait for the end."""
+        proc = subprocess.Popen(cli_command(*common, "--out", str(root)), env=cli_env(), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(json.loads((cache / fmt.MANIFEST_NAME).read_text())["shards"]) >= at_least:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.communicate()[1][-500:]}"
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+        return proc
+
+    # Ctrl-C: exits 130 with one line, leaving only complete, listed shards (no temporary files)
+    proc = start_and_stop(signal.SIGINT, 2)
+    assert proc.returncode == 130
+    assert proc.stderr.read().strip().splitlines()[-1].endswith("run the same command again to resume")
+    partial = fmt.load_manifest(cache)
+    assert not partial["complete"]
+    assert set(os.listdir(cache)) == {e["name"] for e in partial["shards"]} | {fmt.MANIFEST_NAME, fmt.LOCK_NAME}
+    # a kill: no chance to clean up; the next run must cope with whatever it left
+    proc = start_and_stop(signal.SIGKILL, len(partial["shards"]) + 3)
+    partial = fmt.load_manifest(cache)
+    assert not partial["complete"] and len(partial["shards"]) < 60
 
     # run again (a real process again, as a user would), then compare byte for byte
     done = subprocess.run(cli_command(*common, "--out", str(root)), env=cli_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines() == [str(root / reference.name)]
-    assert cache_bytes(root / reference.name) == cache_bytes(reference)
-    assert set(os.listdir(root / reference.name)) == set(cache_bytes(reference)) | {fmt.LOCK_NAME}
+    assert done.stdout.strip().splitlines() == [str(cache)]
+    assert cache_bytes(cache) == cache_bytes(reference)
+    assert set(os.listdir(cache)) == set(cache_bytes(reference)) | {fmt.LOCK_NAME}
 
 
 # -- bad input ------------------------------------------------------------------------------------
