@@ -188,23 +188,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def pack_windows(docs: Iterable[list[int]], eos_id: int, seq_len: int) -> np.ndarray:
+def pack_windows(docs: Iterable[list[int]], eos_id: int, seq_len: int,
+                 max_windows: int | None = None) -> np.ndarray:
     """Join documents with EOS after each and cut the stream into [n, seq_len + 1] windows.
 
     Window i holds stream[i*seq_len : i*seq_len + seq_len + 1]: consecutive windows share one
-    token, so no position lacks its target. The partial window at the end is dropped.
+    token, so no position lacks its target. The partial window at the end is dropped. With
+    `max_windows`, documents stop being consumed once that many windows are full.
     """
-    pieces = []
+    pieces, length = [], 0
+    needed = None if max_windows is None else max_windows * seq_len + 1
     for ids in docs:
         if ids:
             pieces.append(np.asarray(ids, dtype=np.int32))
             pieces.append(np.asarray([eos_id], dtype=np.int32))
+            length += len(ids) + 1
+            if needed is not None and length >= needed:
+                break
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     n = (len(stream) - 1) // seq_len if len(stream) > 1 else 0
+    if max_windows is not None:
+        n = min(n, max_windows)
     if n == 0:
         return np.zeros((0, seq_len + 1), dtype=np.int32)
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return stream[idx]
+
+
+def _tokenize_in_batches(tokenizer, texts: Iterable[str], batch: int = 64) -> Iterator[list[int]]:
+    """Tokenize documents a batch at a time: fast tokenizers run a batch on all cores."""
+    pending: list[str] = []
+    for text in texts:
+        pending.append(text)
+        if len(pending) == batch:
+            yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
+            pending = []
+    if pending:
+        yield from tokenizer(pending, add_special_tokens=False)["input_ids"]
 
 
 def windows_fingerprint(windows: np.ndarray) -> str:
@@ -262,11 +282,9 @@ def prepare_windows(source: str, tokenizer, seq_len: int, root: Path | None = No
 
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token; documents cannot be joined")
-    docs = (tokenizer(text, add_special_tokens=False)["input_ids"]
-            for text in iter_documents(source, text_column, home=home))
-    tokens = pack_windows(docs, tokenizer.eos_token_id, seq_len)
-    if max_windows is not None:
-        tokens = tokens[:max_windows]
+    docs = _tokenize_in_batches(tokenizer, iter_documents(source, text_column, home=home),
+                                batch=1 if max_windows is not None else 64)
+    tokens = pack_windows(docs, tokenizer.eos_token_id, seq_len, max_windows)
     if len(tokens) == 0:
         raise UserError(f"--data {source}: corpus is empty or shorter than one window of "
                         f"{seq_len + 1} tokens")

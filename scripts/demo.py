@@ -42,6 +42,8 @@ def evaluate(model: Path, data: str, work: Path, windows: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", type=Path, default=TEACHER,
+                    help="teacher checkpoint folder (Llama/Qwen2/Mistral, with its tokenizer); default: the stored one")
     ap.add_argument("--work", type=Path, default=Path("work_dir"), help="folder for caches, students and logs")
     ap.add_argument("--windows", type=int, default=2048,
                     help="training windows of 256 tokens cached and used by each student (one epoch)")
@@ -56,13 +58,14 @@ def main() -> None:
     t0 = time.time()
 
     # 1. teacher: stored in the repo; trained here only when missing (~1 h on 2 cores).
-    if not (TEACHER / "model.safetensors").exists():
-        run([sys.executable, str(ROOT / "scripts" / "train_demo_teacher.py"), "--out", str(TEACHER),
+    teacher = args.teacher.resolve()
+    if not (teacher / "model.safetensors").exists():
+        run([sys.executable, str(ROOT / "scripts" / "train_demo_teacher.py"), "--out", str(teacher),
              "--work", str(work)])
 
     # 2. cache the teacher's top-64 over the training windows.
     caches = work / "caches"
-    run(tool("logitcache") + ["produce", "--teacher", str(TEACHER), "--data", "shakespeare:train",
+    run(tool("logitcache") + ["produce", "--teacher", str(teacher), "--data", "shakespeare:train",
                               "--out", str(caches), "--k", "64", "--seq-len", "256",
                               "--max-windows", str(args.windows), "--batch-size", "16"])
     cache = next(p for p in sorted(caches.iterdir()) if (p / "manifest.json").exists())
@@ -70,11 +73,11 @@ def main() -> None:
 
     # 3. prune the teacher to ~40% of its parameters (activation importance, as Minitron).
     from safetensors import safe_open
-    with safe_open(str(TEACHER / "model.safetensors"), "pt") as f:
+    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
         teacher_params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
     student_init = work / "student-init"
     if not (student_init / "config.json").exists():
-        run(tool("trainer") + ["prune", "--model", str(TEACHER), "--out", str(student_init),
+        run(tool("trainer") + ["prune", "--model", str(teacher), "--out", str(student_init),
                                "--target-params", str(int(teacher_params * args.target_fraction)),
                                "--calib", "shakespeare:train", "--calib-windows", "64", "--seq-len", "256"])
 
@@ -92,7 +95,7 @@ def main() -> None:
 
     # 5. held-out CE: in-domain (plays never trained on) and out-of-domain (Milton).
     rows = []
-    for name, model in [("teacher", TEACHER), ("student, pruned, untrained", student_init),
+    for name, model in [("teacher", teacher), ("student, pruned, untrained", student_init),
                         ("student, CE only", ce_out), ("student, distilled from cache", kd_out)]:
         rows.append((name, evaluate(model, "shakespeare:heldout", work, args.eval_windows),
                      evaluate(model, "milton", work, args.eval_windows)))
@@ -103,7 +106,7 @@ def main() -> None:
     kd_gain = rows[2][1] - rows[3][1]
     print(f"\ndistillation vs CE only (plays): {kd_gain:+.4f} nats "
           f"({'distillation wins' if kd_gain > 0 else 'CE only wins'})")
-    print(f"artifacts: teacher {TEACHER}\n           cache {cache}\n           students {ce_out}, {kd_out}")
+    print(f"artifacts: teacher {teacher}\n           cache {cache}\n           students {ce_out}, {kd_out}")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
 
 

@@ -106,3 +106,18 @@ def test_empty_documents_are_skipped(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_text(TEXT)
     assert list(iter_documents(str(tmp_path))) == [TEXT]
+
+
+def test_max_windows_stops_early_with_the_same_prefix():
+    docs = [[i + 1] * 5 for i in range(10)]
+    full = pack_windows(docs, eos_id=0, seq_len=4)
+    consumed = []
+
+    def tracking():
+        for d in docs:
+            consumed.append(d)
+            yield d
+
+    first = pack_windows(tracking(), eos_id=0, seq_len=4, max_windows=2)
+    np.testing.assert_array_equal(first, full[:2])
+    assert len(consumed) < len(docs)
