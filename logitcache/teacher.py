@@ -191,11 +191,15 @@ def check_tokenizer_fits(tokenizer, teacher: dict) -> None:
 
 
 def check_seq_len(seq_len: int, teacher: dict) -> None:
-    """The model reads `seq_len` tokens per window (the window's last token is only a target)."""
+    """A whole window, `seq_len + 1` tokens, must fit the teacher's context.
+
+    The hf backend feeds only the first `seq_len` tokens, but a prompt-log-prob engine (vLLM) feeds
+    the whole window, and one cache key must be producible by either backend.
+    """
     ctx = teacher.get("max_position_embeddings")
-    if ctx is not None and seq_len > ctx:
-        raise UserError(f"--seq-len {seq_len}: longer than the context of --teacher "
-                        f"{teacher['name_or_path']} ({ctx} positions)")
+    if ctx is not None and seq_len + 1 > ctx:
+        raise UserError(f"--seq-len {seq_len}: a window of seq_len + 1 = {seq_len + 1} tokens is longer "
+                        f"than the context of --teacher {teacher['name_or_path']} ({ctx} positions)")
 
 
 def check_k(k: int, teacher: dict) -> None:

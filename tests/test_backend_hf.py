@@ -201,6 +201,6 @@ def test_tokenizer_and_context_checks(tiny_teachers, tiny_tokenizer_dir):
     with pytest.raises(UserError, match="tokenizer has 320 tokens but the model's vocabulary is 300"):
         check_tokenizer_fits(tok, dict(teacher, vocab_size=300))
     assert max_context({"n_positions": 1024}) == 1024 and max_context({}) is None
-    check_seq_len(64, teacher)                                                # the model reads seq_len tokens
-    with pytest.raises(UserError, match="--seq-len 65"):
-        check_seq_len(65, teacher)
+    check_seq_len(63, teacher)                                                # a window is seq_len + 1 tokens
+    with pytest.raises(UserError, match="--seq-len 64: a window of seq_len . 1 = 65 tokens"):
+        check_seq_len(64, teacher)

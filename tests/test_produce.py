@@ -202,8 +202,8 @@ def test_bad_input_is_refused_in_one_line_leaving_nothing(capsys, tmp_path, tiny
     refused(capsys, root, "--teacher", llama, "--data", data, *SMALL[2:], "--k", "321",
             match="--k 321")
     refused(capsys, root, "--teacher", llama, "--data", data, *SMALL[2:], "--k", "0", match="--k 0")
-    refused(capsys, root, "--teacher", llama, "--data", data, "--k", "8", "--seq-len", "65",
-            match="--seq-len 65: longer than the context")
+    refused(capsys, root, "--teacher", llama, "--data", data, "--k", "8", "--seq-len", "64",
+            match="--seq-len 64: a window of seq_len + 1 = 65 tokens is longer than the context")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     refused(capsys, root, "--teacher", llama, "--data", str(tmp_path / "empty"), *SMALL, match="empty")
