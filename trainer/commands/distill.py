@@ -63,6 +63,32 @@ def check_cache(reader, student_fp: str, flag: str) -> None:
                         f"tokenizer is {_short(student_fp)}...; distillation needs the same tokenizer")
 
 
+def make_kd_loss(loss_cfg: LossConfig, vocab: int):
+    """The cache KD objective over the first `vocab` logit columns, as a loop loss.
+
+    CE on the true next token is always passed, so it is logged even when `alpha_ce` is 0 (it
+    then reuses the KD log-sum-exp and carries no graph).
+    """
+    import torch
+
+    from trainer.losses import distill_loss
+
+    chunk = loss_cfg.logits_chunk or None
+
+    def loss_fn(logits, batch: dict):
+        labels = batch["labels"].reshape(-1)
+        n = labels.shape[0]
+        k = batch["topk_ids"].shape[-1]
+        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
+        return distill_loss(flat, batch["topk_ids"].reshape(n, k), batch["topk_logprobs"].reshape(n, k),
+                            batch["tail_logmass"].reshape(n), labels,
+                            torch.ones(n, dtype=torch.bool, device=labels.device),
+                            kind=loss_cfg.loss, alpha_ce=loss_cfg.alpha_ce, temperature=loss_cfg.temperature,
+                            renormalize_topk=loss_cfg.renormalize_topk, beta=loss_cfg.beta, chunk_size=chunk)
+
+    return loss_fn
+
+
 def run(args) -> int:
     import torch
 
@@ -71,7 +97,6 @@ def run(args) -> int:
     from trainer.data import CacheBatches, load_causal_lm, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_cache, evaluate_windows
     from trainer.loop import init_distributed, preflight, train
-    from trainer.losses import distill_loss
 
     cfg = train_config_from_args(args)
     loss_cfg = LossConfig(loss=args.loss, beta=args.beta, temperature=args.temperature, alpha_ce=args.alpha_ce,
@@ -140,17 +165,7 @@ def run(args) -> int:
 
     source = CacheBatches(reader, cfg.batch_size, cfg.seed, env.rank, env.world, vocab_limit=vocab)
     chunk = loss_cfg.logits_chunk or None
-
-    def loss_fn(logits, batch: dict):
-        labels = batch["labels"].reshape(-1)
-        n = labels.shape[0]
-        k = batch["topk_ids"].shape[-1]
-        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
-        return distill_loss(flat, batch["topk_ids"].reshape(n, k), batch["topk_logprobs"].reshape(n, k),
-                            batch["tail_logmass"].reshape(n), labels, torch.ones(n, dtype=torch.bool,
-                                                                                 device=labels.device),
-                            kind=loss_cfg.loss, alpha_ce=loss_cfg.alpha_ce, temperature=loss_cfg.temperature,
-                            renormalize_topk=loss_cfg.renormalize_topk, beta=loss_cfg.beta, chunk_size=chunk)
+    loss_fn = make_kd_loss(loss_cfg, vocab)
 
     evaluate = None
     eval_bs = cfg.eval_batch_size or cfg.batch_size

@@ -68,6 +68,21 @@ def build_model(spec: str, tokenizer, seed: int):
     return model
 
 
+def make_ce_loss(vocab: int):
+    """Next-token CE over the first `vocab` logit columns (float32 log-softmax), as a loop loss."""
+    import torch
+
+    from trainer.losses import cross_entropy
+
+    def loss_fn(logits, batch: dict):
+        labels = batch["labels"].reshape(-1)
+        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(labels.shape[0], -1)
+        loss = cross_entropy(flat, labels, torch.ones_like(labels, dtype=torch.bool))
+        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+
+    return loss_fn
+
+
 def run(args) -> int:
     import torch
 
@@ -75,7 +90,6 @@ def run(args) -> int:
     from trainer.data import WindowBatches, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_windows
     from trainer.loop import init_distributed, preflight, train
-    from trainer.losses import cross_entropy
 
     cfg = train_config_from_args(args)
     if args.tokenizer is None and not Path(args.model).is_dir():
@@ -117,12 +131,7 @@ def run(args) -> int:
 
     source = WindowBatches(windows.tokens, cfg.batch_size, cfg.seed, env.rank, env.world)
 
-    def loss_fn(logits, batch: dict):
-        labels = batch["labels"].reshape(-1)
-        flat = logits[..., :vocab].reshape(labels.shape[0], -1)
-        mask = torch.ones_like(labels, dtype=torch.bool)
-        loss = cross_entropy(flat, labels, mask)
-        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+    loss_fn = make_ce_loss(vocab)
 
     evaluate = None
     if eval_windows is not None:
