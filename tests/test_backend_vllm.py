@@ -136,7 +136,6 @@ def caches(tmp_path_factory, tiny_tokenizer_dir, corpus_dir):
     out = {}
     # hf first: the vLLM CPU worker pins this process's threads once it starts
     for backend in ("hf", "vllm"):
-        before = {p.name for p in (root / backend).glob("*")} if (root / backend).exists() else set()
         argv = ["produce", "--teacher", str(teacher), "--data", str(corpus_dir), "--out", str(root / backend),
                 "--k", str(K), "--seq-len", str(SEQ_LEN), "--max-windows", str(MAX_WINDOWS),
                 "--encoding", "fp32", "--backend", backend, "--batch-size", "16", "--rows-per-shard", "32",
@@ -144,7 +143,7 @@ def caches(tmp_path_factory, tiny_tokenizer_dir, corpus_dir):
         # a step budget that is no multiple of the window: windows are split across engine steps
         argv += ["--max-num-batched-tokens", "200"] if backend == "vllm" else []
         assert main(argv) == 0
-        made = [p for p in (root / backend).iterdir() if p.name not in before and p.name != "windows"]
+        made = [p for p in (root / backend).iterdir() if p.name != "windows"]
         assert len(made) == 1, made
         out[backend] = made[0]
     out["teacher"] = teacher
@@ -156,7 +155,7 @@ def teacher_logits(caches) -> torch.Tensor:
     """The teacher's float32 logits over the cached windows, [N, V] (transformers, once)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(caches["teacher"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(caches["teacher"]).float().eval()
     with torch.no_grad():
         logits = model(_load(caches["hf"])["input_ids"].long()).logits
     return logits.reshape(-1, logits.shape[-1])
