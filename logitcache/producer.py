@@ -143,7 +143,8 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
     """
     from tqdm import tqdm
 
-    rps, seq_len = writer.manifest["rows_per_shard"], writer.seq_len
+    plan = dict(writer.manifest)        # the writer thread replaces writer.manifest as shards land
+    rps, seq_len = plan["rows_per_shard"], writer.seq_len
     jobs: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
     failure: list[BaseException] = []
     stop = threading.Event()
@@ -171,15 +172,15 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
             except queue.Full:
                 continue
 
-    total = sum(expected_rows(writer.manifest, i) for i in todo) * seq_len
+    total = sum(expected_rows(plan, i) for i in todo) * seq_len
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
     thread.start()
-    start, done, ok = time.perf_counter(), 0, False
+    start, ok = time.perf_counter(), False
     try:
         for index in todo:
-            first, rows = index * rps, expected_rows(writer.manifest, index)
+            first, rows = index * rps, expected_rows(plan, index)
             shard = tokens[first:first + rows]                                     # (rows, T+1)
             parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
             # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
@@ -187,7 +188,6 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
             arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
                       "topk_logprobs": logprobs, "tail_logmass": tail}
             put((index, arrays))
-            done += rows * seq_len
         put(None)
         thread.join()
         ok = True

@@ -24,7 +24,12 @@ import torch
 from logitcache import format as fmt
 from logitcache.backends.hf import HFBackend
 from logitcache.cli import main
+from logitcache.data import prepare_windows
+from logitcache.errors import UserError
+from logitcache.producer import build_header, run_shards
 from logitcache.reader import CacheReader
+from logitcache.teacher import describe_teacher, load_tokenizer
+from logitcache.writer import CacheWriter
 
 SMALL = ["--k", "8", "--seq-len", "16", "--rows-per-shard", "4", "--batch-size", "2", "--no-progress"]
 REPO = Path(__file__).resolve().parents[1]
@@ -240,3 +245,17 @@ def test_subprocess_error_is_one_line(tmp_path, corpus_dir):
     assert done.stderr.strip().splitlines() == [f"logitcache: error: --teacher {tmp_path / 'missing'}: "
                                                 "no such model folder"]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_error_in_the_writer_thread_stops_the_run(tmp_path, tiny_teachers, corpus_dir, tiny_tokenizer_dir):
+    """Another process rewrites the manifest under us: the writer thread's refusal reaches the caller."""
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    windows = prepare_windows(str(corpus_dir), tok, 16, max_windows=12)
+    teacher = describe_teacher(str(tiny_teachers["llama"]), None, "float32")
+    header = build_header(teacher, tok, windows, 8, {"name": "fp32", "params": {}}, 4, "text", "hf")
+    writer = CacheWriter(tmp_path / "cache", header)
+    manifest = json.loads((tmp_path / "cache" / fmt.MANIFEST_NAME).read_text())
+    fmt.atomic_write_json(tmp_path / "cache" / fmt.MANIFEST_NAME, dict(manifest, key="f" * 64))
+    backend = HFBackend(str(tiny_teachers["llama"]), 8, "cpu", "float32")
+    with pytest.raises(UserError, match="manifest key changed"):
+        run_shards(backend, writer, windows.tokens, [0, 1, 2], 2, progress=False)
