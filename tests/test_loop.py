@@ -191,6 +191,20 @@ def test_optimizer_state_survives_tensors_plus_json():
             assert torch.equal(a["state"][i][key], b["state"][i][key])
 
 
+def test_chunked_ce_loss_matches_unchunked():
+    from trainer.commands.pretrain import make_ce_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10, 40, dtype=torch.float64, requires_grad=True)   # 30 positions, 8 padding columns
+    batch = {"labels": torch.randint(0, 32, (3, 10))}
+    (a, _), (b, _) = make_ce_loss(32, None)(logits, batch), make_ce_loss(32, 7)(logits, batch)
+    ga, = torch.autograd.grad(a, logits)
+    gb, = torch.autograd.grad(b, logits)
+    ref = torch.nn.functional.cross_entropy(logits[..., :32].reshape(30, 32), batch["labels"].reshape(30))
+    assert torch.allclose(a, ref) and torch.allclose(b, ref)
+    assert torch.allclose(ga, gb) and not gb[..., 32:].any()
+
+
 def test_window_batches_deterministic_disjoint_ranks_and_epochs():
     tokens = np.arange(50 * 5, dtype=np.int32).reshape(50, 5)
     src = WindowBatches(tokens, batch_size=4, seed=3)

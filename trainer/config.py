@@ -106,6 +106,7 @@ class RunConfig:
     eval_data: str | None = None
     eval_cache: str | None = None
     save_dtype: str = "float32"
+    logits_chunk: int | None = None      # pretrain's CE chunking (distill: loss.logits_chunk)
     data_fingerprint: str | None = None  # pretrain: training windows; distill: the cache key
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig | None = None
@@ -114,6 +115,8 @@ class RunConfig:
         self.train.validate()
         if self.loss is not None:
             self.loss.validate()
+        if self.logits_chunk is not None and self.logits_chunk < 0:
+            raise UserError(f"--logits-chunk {self.logits_chunk}: must be >= 0")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"--save-dtype {self.save_dtype}: expected float32, bfloat16 or float16")
 

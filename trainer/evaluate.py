@@ -53,7 +53,8 @@ def _logits(model, window: torch.Tensor, vocab: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_windows(model, tokens: np.ndarray, *, batch_size: int = 8, device: torch.device | str = "cpu",
-                     vocab: int | None = None, max_windows: int | None = None) -> dict[str, float]:
+                     vocab: int | None = None, max_windows: int | None = None,
+                     chunk_size: int = 4096) -> dict[str, float]:
     """Mean next-token CE (nats/token) and perplexity over `tokens` [n, seq_len + 1]."""
     device = torch.device(device)
     rank, world = _rank_world()
@@ -65,10 +66,11 @@ def evaluate_windows(model, tokens: np.ndarray, *, batch_size: int = 8, device: 
     try:
         for s in range(0, len(mine), batch_size):
             x = torch.as_tensor(tokens[mine[s:s + batch_size]], dtype=torch.long, device=device)
-            logits = _logits(model, x, vocab).float()
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                   reduction="sum")
-            total += ce.item()
+            logits = _logits(model, x, vocab)
+            flat, labels = logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
+            for c in range(0, len(labels), chunk_size):   # float32 copies of one chunk at a time
+                z = flat[c:c + chunk_size].float()
+                total += (torch.logsumexp(z, -1) - z.gather(1, labels[c:c + chunk_size, None]).squeeze(1)).sum().item()
             count += x[:, 1:].numel()
     finally:
         model.train(was_training)

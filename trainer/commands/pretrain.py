@@ -32,6 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-windows", type=int, help="use at most this many training windows")
     p.add_argument("--text-column", default="text", help="text column of jsonl/parquet data (default %(default)s)")
     p.add_argument("--eval-data", help="held-out corpus for periodic CE (packed like --data)")
+    p.add_argument("--logits-chunk", type=int, default=1024,
+                   help="positions per float32 log-softmax chunk, 0 = all at once (default %(default)s)")
     add_train_arguments(p)
 
 
@@ -68,16 +70,33 @@ def build_model(spec: str, tokenizer, seed: int):
     return model
 
 
-def make_ce_loss(vocab: int):
-    """Next-token CE over the first `vocab` logit columns (float32 log-softmax), as a loop loss."""
+def make_ce_loss(vocab: int, chunk_size: int | None = 1024):
+    """Next-token CE over the first `vocab` logit columns, as a loop loss.
+
+    The float32 log-softmax is taken `chunk_size` positions at a time, each chunk under
+    activation checkpointing (as trainer.losses.distill_loss does), so a large vocabulary never
+    needs a float32 copy of all the logits at once.
+    """
     import torch
+    from torch.utils.checkpoint import checkpoint
 
     from trainer.losses import cross_entropy
 
+    def chunk_sum(flat, labels):
+        return cross_entropy(flat, labels, torch.ones_like(labels, dtype=torch.bool)) * labels.shape[0]
+
     def loss_fn(logits, batch: dict):
         labels = batch["labels"].reshape(-1)
-        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(labels.shape[0], -1)
-        loss = cross_entropy(flat, labels, torch.ones_like(labels, dtype=torch.bool))
+        n = labels.shape[0]
+        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
+        if chunk_size is None or n <= chunk_size:
+            loss = chunk_sum(flat, labels) / n
+        else:
+            grad = torch.is_grad_enabled() and flat.requires_grad
+            total = sum(checkpoint(chunk_sum, flat[s:s + chunk_size], labels[s:s + chunk_size], use_reentrant=False)
+                        if grad else chunk_sum(flat[s:s + chunk_size], labels[s:s + chunk_size])
+                        for s in range(0, n, chunk_size))
+            loss = total / n
         return loss, {"loss": loss.detach(), "ce": loss.detach()}
 
     return loss_fn
@@ -118,7 +137,7 @@ def run(args) -> int:
 
     run_cfg = RunConfig(command="pretrain", model=args.model, out=args.out, tokenizer=args.tokenizer,
                         data=args.data, seq_len=args.seq_len, max_windows=args.max_windows, work=args.work,
-                        eval_data=args.eval_data, save_dtype=args.save_dtype,
+                        eval_data=args.eval_data, save_dtype=args.save_dtype, logits_chunk=args.logits_chunk,
                         data_fingerprint=windows.fingerprint, train=cfg)
     run_cfg.validate()
     preflight(run_cfg, args.resume, env.world)
@@ -131,7 +150,7 @@ def run(args) -> int:
 
     source = WindowBatches(windows.tokens, cfg.batch_size, cfg.seed, env.rank, env.world)
 
-    loss_fn = make_ce_loss(vocab)
+    loss_fn = make_ce_loss(vocab, args.logits_chunk or None)
 
     evaluate = None
     if eval_windows is not None:
