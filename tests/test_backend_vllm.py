@@ -82,9 +82,9 @@ def test_tail_from_topk_floors_unresolvable_tails_and_empties_at_full_vocabulary
 
 
 def test_window_longer_than_the_engine_is_refused_with_the_fix():
-    check_window_fits(127, 128, "t")          # seq_len 126: 127 tokens + 1 generated
-    with pytest.raises(UserError, match=r"--seq-len 127: .* use --seq-len 126 or less, or --backend hf"):
-        check_window_fits(128, 128, "t")
+    check_window_fits(128, 128, "t")
+    with pytest.raises(UserError, match=r"--seq-len 128: .* more than the 128 .* use --seq-len 127 or less"):
+        check_window_fits(129, 128, "t")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice on a machine without CUDA")
@@ -107,12 +107,16 @@ def test_importing_the_backend_does_not_import_vllm():
 
 
 def _save_teacher(folder: Path, tokenizer_dir: Path) -> Path:
-    """Tiny Llama, hidden 64, 2 heads of 32 (1 KV head), 2 layers; LM head x6 for varied tails."""
+    """Tiny Llama, hidden 64, 2 heads of 32 (1 KV head), 2 layers; LM head x6 for varied tails.
+
+    Its context is exactly one window (SEQ_LEN + 1 tokens), the longest the producer allows, so
+    vLLM's extra generated-token slot sits past the context on every window.
+    """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ_LEN + 1,
                          initializer_range=0.2, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0)
     torch.manual_seed(0)

@@ -44,6 +44,7 @@ TAIL_FLOOR = 2.0 ** -24
 # at exit in tests on CPU), a 1 GiB CPU KV cache instead of vLLM's multi-GiB default, fewer INFO lines.
 CPU_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 ENV_DEFAULTS = {"VLLM_LOGGING_LEVEL": "WARNING"}
+LONG_MAX_MODEL_LEN = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
 
 
 def vllm_available() -> bool:
@@ -115,15 +116,13 @@ def flat_to_topk(prompt_logprobs: list, windows: np.ndarray, k: int, vocab_size:
                 target_logprob=np.ascontiguousarray(lps[:, :, 0]))
 
 
-def check_window_fits(window_len: int, max_model_len: int, teacher_name: str) -> None:
-    """vLLM takes the whole window (seq_len + 1 tokens; the hf backend reads seq_len) and counts the
-    one token it must generate on top, so a window needs window_len + 1 <= max_model_len. Refused
-    here with the fix, rather than by vLLM's less specific message."""
-    if window_len + 1 > max_model_len:
-        raise UserError(f"--seq-len {window_len - 1}: the vllm backend needs seq_len + 2 = {window_len + 1} "
-                        f"positions per window (seq_len + 1 tokens, the last one only a target, and one "
-                        f"generated token vLLM insists on), more than the {max_model_len} of --teacher "
-                        f"{teacher_name}; use --seq-len {max_model_len - 2} or less, or --backend hf")
+def check_window_fits(window_len: int, limit: int, teacher_name: str) -> None:
+    """vLLM reads the whole window (seq_len + 1 tokens; the hf backend reads seq_len), so a window
+    must fit the teacher's context; refused here with the fix, not by vLLM's vaguer message."""
+    if window_len > limit:
+        raise UserError(f"--seq-len {window_len - 1}: the vllm backend reads seq_len + 1 = {window_len} "
+                        f"tokens per window (the last one only as a target), more than the {limit} "
+                        f"--teacher {teacher_name} takes; use --seq-len {limit - 1} or less")
 
 
 def _supported_kwargs(callable_, names: list[str]) -> set[str]:
@@ -180,12 +179,19 @@ class VLLMBackend:
         if max_num_batched_tokens is not None:
             wanted["max_num_batched_tokens"] = max_num_batched_tokens
             wanted["enable_chunked_prefill"] = True
+        # vLLM counts the one token it must generate (max_tokens=1) against max_model_len, so a
+        # window of the whole context needs max_model_len = context + 1. That extra slot is never
+        # run through the model (the request ends once the token is sampled), so vLLM's guard
+        # against lengths past the context is lifted for exactly that one position.
+        # make_backend passes seq_len + 2: the KV cache then holds one window, not the whole context.
+        ctx = self.teacher.get("max_position_embeddings")
+        if max_model_len is None and ctx is not None:
+            max_model_len = ctx + 1
         if max_model_len is not None:
-            # make_backend passes seq_len + 2: the KV cache then needs one window, not the whole context.
-            ctx = self.teacher.get("max_position_embeddings")
-            if ctx is not None and max_model_len > ctx:
+            if ctx is not None:
                 check_window_fits(max_model_len - 1, ctx, name_or_path)
             wanted["max_model_len"] = max_model_len
+        past_context = ctx is not None and max_model_len == ctx + 1
         from vllm.engine.arg_utils import EngineArgs
 
         missing = {"max_logprobs", "logprobs_mode"} - _supported_kwargs(EngineArgs, list(wanted))
@@ -196,11 +202,17 @@ class VLLMBackend:
                             "install vllm 0.12 or later")
         engine_kwargs = {key: v for key, v in wanted.items() if key in _supported_kwargs(EngineArgs, list(wanted))}
         self._threads = torch.get_num_threads()
+        user_long = os.environ.get(LONG_MAX_MODEL_LEN)
+        if past_context and user_long is None:
+            os.environ[LONG_MAX_MODEL_LEN] = "1"
         try:
             self.llm = LLM(model=str(folder), **engine_kwargs)
         except Exception as exc:
             raise UserError(f"--teacher {name_or_path}: vLLM could not start it ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+        finally:
+            if past_context and user_long is None:
+                os.environ.pop(LONG_MAX_MODEL_LEN, None)
         model_config = self.llm.llm_engine.model_config
         loaded = str(model_config.dtype).replace("torch.", "")
         if loaded != self.teacher["dtype"]:
@@ -227,7 +239,7 @@ class VLLMBackend:
         windows = np.asarray(windows)
         if windows.ndim != 2 or windows.shape[1] < 2:
             raise ValueError(f"windows must be [B, seq_len + 1] with seq_len >= 1, got {windows.shape}")
-        check_window_fits(windows.shape[1], self.max_model_len, self.teacher["name_or_path"])
+        check_window_fits(windows.shape[1], self.max_model_len - 1, self.teacher["name_or_path"])
         prompts = [{"prompt_token_ids": row} for row in windows.tolist()]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return flat_to_topk([o.prompt_logprobs for o in outputs], windows, self.k, self.teacher["vocab_size"])
