@@ -213,7 +213,7 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
     bar = tqdm(total=cfg.steps, initial=step, desc=run.command, dynamic_ncols=True,
                disable=not (env.is_main and cfg.progress))
     sums: dict[str, torch.Tensor] = {}
-    window_steps, t_window, wait_window = 0, time.perf_counter(), 0.0
+    window_steps, t_window, wait_window, paused = 0, time.perf_counter(), 0.0, 0.0
     summary: dict = {"start_step": start_step}
 
     while True:
@@ -224,6 +224,7 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
 
         # ---- eval / checkpoint (before the step: step 0 gives the baseline; skipped at the
         # resumed step, which the interrupted run already evaluated and saved)
+        t_pause = time.perf_counter()
         done = step >= last_step
         resumed_here = ckpt is not None and step == start_step
         if evaluate is not None and not resumed_here:
@@ -243,6 +244,7 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
                     "tokens_seen": step * tokens_per_step})
         if done:
             break
+        paused += time.perf_counter() - t_pause     # evaluation and saving do not count as step time
 
         # ---- forward / backward: grad_accum micro-batches, gradients synced on the last one
         t_step = time.perf_counter()
@@ -257,6 +259,8 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
                 loss, metrics = loss_fn(logits, batch)
                 (loss / cfg.grad_accum).backward()
             for k, v in metrics.items():
+                if k == "n_tokens":
+                    continue
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
             del logits, loss
 
@@ -274,7 +278,7 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             means = _all_reduce_mean({k: v / window_steps for k, v in sums.items()}, env.world)
-            elapsed = time.perf_counter() - t_window
+            elapsed = time.perf_counter() - t_window - paused
             entry = {"kind": "train", "step": step, "lr": lr, **means,
                      "tokens": step * tokens_per_step,
                      "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
@@ -287,7 +291,7 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
                 log.write(entry)
             bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             summary["train"] = entry
-            sums, window_steps, t_window, wait_window = {}, 0, time.perf_counter(), 0.0
+            sums, window_steps, t_window, wait_window, paused = {}, 0, time.perf_counter(), 0.0, 0.0
 
     bar.close()
     if hasattr(loader, "close"):
