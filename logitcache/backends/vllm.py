@@ -175,7 +175,7 @@ class VLLMBackend:
                   "dtype": self.teacher["dtype"], "tensor_parallel_size": tensor_parallel_size,
                   "gpu_memory_utilization": gpu_memory_utilization, "trust_remote_code": trust_remote_code}
         if self.on_cpu:
-            wanted["enforce_eager"] = True   # torch.compile on CPU costs minutes and buys little here
+            wanted["enforce_eager"] = True   # no graph compilation at start-up: little gain on a CPU
         if max_num_batched_tokens is not None:
             wanted["max_num_batched_tokens"] = max_num_batched_tokens
             wanted["enable_chunked_prefill"] = True
