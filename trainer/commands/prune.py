@@ -101,6 +101,12 @@ def run(args) -> int:
                                method=args.method, layers_to_drop=args.drop_layers)
     except ValueError as exc:  # unsupported architecture, unreachable target, bad layer count
         raise UserError(f"--model {args.model}: {exc}") from None
+    except Exception as exc:   # a config class refusing the pruned shape (transformers' strict configs)
+        if type(exc).__name__.startswith("StrictDataclass"):
+            cause = exc.__cause__ or exc
+            raise UserError(f"--model {args.model}: the pruned shape is invalid for this architecture "
+                            f"({str(cause).strip().splitlines()[-1]}); try another target") from None
+        raise
     before, after = summary["params_before"], summary["params_after"]
     print(f"trainer: pruned {before:,} -> {after:,} parameters ({after / before:.1%}); dims "
           f"{json.dumps(summary['dims_after'])} -> {args.out}", file=sys.stderr)
