@@ -21,9 +21,10 @@ Measured, best of `--repeats` runs each, alternating so both see the same machin
 
 The last line is JSON: `overhead_ratio` = produce / forward (target <= 1.10),
 `steady_state_ratio` = (produce - fixed costs) / forward (what a long run converges to),
-`compute_ratio` = compute / forward, `bytes_per_token` of the written shards, and the timings
-behind them. Timings are wall-clock; on a shared machine take them from an idle moment (the best of
-the repeats is kept).
+`compute_ratio` = compute / forward, and the same three in process CPU seconds (`cpu_*`, writer
+thread included; with `--threads 1` they are the steadiest figures on a busy machine),
+`bytes_per_token` of the written shards, and the timings behind them. Other timings are wall-clock,
+best of the repeats; on a shared machine take them from an idle moment.
 """
 
 from __future__ import annotations
@@ -64,16 +65,27 @@ def random_demo_shaped_teacher(folder: Path) -> Path:
     return folder
 
 
+class Timer:
+    """Wall-clock and process CPU seconds (all threads, the writer's included) of a block."""
+
+    def __enter__(self) -> "Timer":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 @torch.inference_mode()
-def bare_forward(model, tokens, batch_size: int, device: str) -> float:
-    start = time.perf_counter()
-    for s in range(0, len(tokens), batch_size):
-        x = torch.as_tensor(tokens[s:s + batch_size, :-1], dtype=torch.long, device=device)
-        logits = model(input_ids=x).logits
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        del logits
-    return time.perf_counter() - start
+def bare_forward(model, tokens, batch_size: int, device: str) -> Timer:
+    with Timer() as t:
+        for s in range(0, len(tokens), batch_size):
+            x = torch.as_tensor(tokens[s:s + batch_size, :-1], dtype=torch.long, device=device)
+            logits = model(input_ids=x).logits
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            del logits
+    return t
 
 
 def main() -> None:
@@ -124,44 +136,50 @@ def main() -> None:
         backend = HFBackend(str(teacher), args.k, args.device, args.dtype)
         bare_forward(model, tokens[:args.batch_size], args.batch_size, args.device)   # warm-up
 
-        def run_producer(name: str, windows: int) -> tuple[float, Path]:
+        def run_producer(name: str, windows: int) -> tuple[Timer, Path]:
             out = work / name
             shutil.copytree(work / "windows-root", out)          # windows ready, as on a re-run
-            start = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):       # it prints the cache's path
+            with Timer() as t, contextlib.redirect_stdout(io.StringIO()):   # it prints the cache's path
                 (cache,) = produce([str(teacher)], args.data, out, k=args.k, seq_len=args.seq_len,
                                    device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                    rows_per_shard=args.rows_per_shard, encoding=args.encoding,
                                    max_windows=windows, progress=False)
-            return time.perf_counter() - start, cache
+            return t, cache
 
-        def run_backend(windows) -> float:
-            start = time.perf_counter()
-            for s in range(0, len(windows), args.batch_size):
-                backend.run(windows[s:s + args.batch_size])
-            return time.perf_counter() - start
+        def run_backend(windows) -> Timer:
+            with Timer() as t:
+                for s in range(0, len(windows), args.batch_size):
+                    backend.run(windows[s:s + args.batch_size])
+            return t
 
-        forward_s, produce_s, compute_s, setup_s, cache = [], [], [], [], None
+        forward, produced, compute, setup, cache = [], [], [], [], None
         for i in range(repeats):      # interleaved, so every measurement sees the same machine load
-            forward_s.append(bare_forward(model, tokens, args.batch_size, args.device))
-            seconds, cache = run_producer(f"out{i}", n_windows)
-            produce_s.append(seconds)
-            compute_s.append(run_backend(tokens))
+            forward.append(bare_forward(model, tokens, args.batch_size, args.device))
+            t, cache = run_producer(f"out{i}", n_windows)
+            produced.append(t)
+            compute.append(run_backend(tokens))
             # fixed costs: a one-batch produce (checks, tokenizer, model load, writer) less its compute
             one, _ = run_producer(f"one{i}", args.batch_size)
-            setup_s.append(one - run_backend(tokens[:args.batch_size]))
-            print(f"repeat {i}: forward {forward_s[-1]:.2f} s, produce {produce_s[-1]:.2f} s, "
-                  f"compute {compute_s[-1]:.2f} s, fixed costs {setup_s[-1]:.2f} s", file=sys.stderr)
+            batch = run_backend(tokens[:args.batch_size])
+            setup.append((one.wall - batch.wall, one.cpu - batch.cpu))
+            print(f"repeat {i}: forward {forward[-1].wall:.2f} s, produce {produced[-1].wall:.2f} s, "
+                  f"compute {compute[-1].wall:.2f} s, fixed costs {setup[-1][0]:.2f} s (wall)", file=sys.stderr)
 
         manifest = json.loads((cache / "manifest.json").read_text())
         shard_bytes = sum(e["bytes"] for e in manifest["shards"])
         n_tokens = manifest["data"]["num_tokens"]
-        fwd, prod, comp, setup = min(forward_s), min(produce_s), min(compute_s), min(setup_s)
+        fwd, prod = min(t.wall for t in forward), min(t.wall for t in produced)
+        comp, fixed = min(t.wall for t in compute), min(w for w, _ in setup)
+        fwd_cpu, prod_cpu = min(t.cpu for t in forward), min(t.cpu for t in produced)
+        fixed_cpu = min(c for _, c in setup)
         result = {"overhead_ratio": round(prod / fwd, 3), "target": TARGET,
                   "bytes_per_token": round(shard_bytes / n_tokens, 1),
-                  "steady_state_ratio": round((prod - setup) / fwd, 3), "compute_ratio": round(comp / fwd, 3),
+                  "steady_state_ratio": round((prod - fixed) / fwd, 3), "compute_ratio": round(comp / fwd, 3),
+                  "cpu_time_ratio": round(prod_cpu / fwd_cpu, 3),
+                  "cpu_steady_state_ratio": round((prod_cpu - fixed_cpu) / fwd_cpu, 3),
+                  "cpu_compute_ratio": round(min(t.cpu for t in compute) / fwd_cpu, 3),
                   "produce_s": round(prod, 3), "forward_s": round(fwd, 3), "compute_s": round(comp, 3),
-                  "fixed_costs_s": round(setup, 3),
+                  "fixed_costs_s": round(fixed, 3), "fixed_costs_cpu_s": round(fixed_cpu, 3),
                   "produce_tokens_per_s": round(n_tokens / prod), "forward_tokens_per_s": round(n_tokens / fwd),
                   "tokens": n_tokens, "teacher": label, "k": args.k, "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "encoding": args.encoding, "device": args.device,
