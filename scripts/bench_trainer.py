@@ -15,7 +15,9 @@ The cache holds more windows than the runs consume, so no run crosses an epoch (
 a new DataLoader, whose worker start-up would count as reader stall). Reported per run: the median step time over the steps after warm-up, read from metrics.jsonl
 (log every step), and for KD the fraction of step time spent waiting for the next batch from the
 reader (`data_wait_fraction`). Runs alternate (CE, KD, KD without workers) `--repeats` times and the
-ratio is the median over pairs, since a shared machine's load drifts. The ratio KD/CE measures what distillation from a cache costs over
+ratio is the median over pairs, since a shared machine's load drifts. `cpu_ratio` is the same ratio
+in CPU time of the training process over whole runs (saving included, the reader's workers not): on
+a CPU shared with other jobs it is steadier than wall time. The ratio KD/CE measures what distillation from a cache costs over
 plain training; the target is <= 1.10. The last line is JSON.
 """
 
@@ -101,17 +103,18 @@ def timed_run(name: str, student_state: dict, make_student, source, loss_fn, out
     model = make_student()
     model.load_state_dict(student_state)
     run = RunConfig(command="pretrain" if name == "ce" else "distill", model="bench", out=str(out), train=cfg)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     train(model, run=run, env=DistEnv(0, 1, 0, device), source=source, loss_fn=loss_fn, evaluate=None,
           tokenizer=None)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     entries = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in entries if e["kind"] == "train"][skip:]
     times = [e["step_time_s"] for e in steps]
     waits = [e["step_time_s"] * e["data_wait_fraction"] for e in steps]
     return {"median_step_s": statistics.median(times), "mean_step_s": statistics.fmean(times),
             "wait_fraction": sum(waits) / sum(times), "tokens_per_s": statistics.median(
-                e["tokens_per_s"] for e in steps), "wall_s": wall, "last_loss": steps[-1]["loss"]}
+                e["tokens_per_s"] for e in steps), "wall_s": wall, "last_loss": steps[-1]["loss"],
+            "cpu_per_step_s": cpu / cfg.steps}
 
 
 def main() -> None:
@@ -221,9 +224,11 @@ def main() -> None:
         return statistics.fmean(r["wait_fraction"] for r in runs[name])
 
     ratio = ratio_of("kd")
+    cpu_ratio = statistics.median(k_["cpu_per_step_s"] / c["cpu_per_step_s"] for k_, c in zip(runs["kd"], runs["ce"]))
     result = {
         "ratio": round(ratio, 4), "target": TARGET, "meets_target": ratio <= TARGET,
         "reader_stall_fraction": round(stall("kd"), 4),
+        "cpu_ratio": round(cpu_ratio, 4),
         "ratio_workers0": round(ratio_of("kd_workers0"), 4),
         "reader_stall_fraction_workers0": round(stall("kd_workers0"), 4),
         "ce_step_ms": round(step_ms("ce"), 2), "kd_step_ms": round(step_ms("kd"), 2),
