@@ -381,3 +381,37 @@ def test_corrupt_streams_are_rejected(name):
         bad[val] = pa.array([b"\xfe" * len(cols[val][0].as_py())], pa.binary())   # code above cmax
         with pytest.raises(ValueError):
             enc.decode(bad, k, seq_len)
+
+
+def test_hostile_frame_header_is_refused_before_allocating():
+    """A zstd frame may declare any content size; python-zstandard would allocate it."""
+    import zstandard
+
+    vocab, k, seq_len = 1000, 8, 4
+    ids, lp, tail = topk_of(realistic_logits(seq_len, vocab, seed=9), k)
+    enc = get_encoding("compact", {"vocab_size": vocab})
+    cols = enc.encode(ids.reshape(1, seq_len, k), lp.reshape(1, seq_len, k), tail.reshape(1, seq_len))
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * 50_000_000)     # 50 MB declared, ~1.6 kB stored
+    with pytest.raises(ValueError, match="declares"):
+        enc.decode({**cols, "cz_val": pa.array([bomb], pa.binary())}, k, seq_len)
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_fine_step_uses_two_byte_codes(name):
+    vocab, k, seq_len = 8192, 64, 32
+    ids, lp, tail = topk_of(realistic_logits(2 * seq_len, vocab, seed=10), k)
+    coarse = get_encoding(name, {"vocab_size": vocab, **({"p": 1.0} if name == "adaptive" else {})})
+    fine = get_encoding(name, {"vocab_size": vocab, "step": 0.002, **({"p": 1.0} if name == "adaptive" else {})})
+    assert coarse.code_bytes == 1 and fine.code_bytes == 2
+    kls = []
+    for enc in (coarse, fine):
+        _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
+        assert_same_sets(ids, ids2)
+        assert_normalised(lp2, tail2)
+        kls.append(coarse_kl(ids, lp, tail, ids2, lp2, tail2).mean())
+    assert kls[1] < kls[0] / 10                     # KL ~ step^2: (0.009 / 0.002)^2 ~ 20
+
+
+def test_shipped_parquet_level_is_declared():
+    for name in ("compact", "adaptive", "sampled"):
+        assert get_encoding(name, {}).parquet_level == 9

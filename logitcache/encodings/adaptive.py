@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import register
-from logitcache.encodings.bytes import gaps_from_sorted, get_stream, nbytes_for, put_stream, sorted_from_gaps, stream_fields
+from logitcache.encodings.bytes import (frame_fields, gaps_from_sorted, get_frames, get_stream, nbytes_for,
+                                        put_frames, put_stream, sorted_from_gaps, stream_fields)
 from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
 from logitcache.errors import UserError
 
@@ -45,7 +46,7 @@ class AdaptiveEncoding(_SetCodec):
 
     def arrow_fields(self, k: int, seq_len: int) -> list[pa.Field]:
         return (stream_fields("ad_len", nbytes_for(max(k - 1, 0))) + stream_fields("ad_gap", self.gap_bytes)
-                + stream_fields("ad_val", self.code_bytes) + stream_fields("ad_tail", 2))
+                + frame_fields("ad_val") + stream_fields("ad_min", self.code_bytes) + stream_fields("ad_tail", 2))
 
     def keep_counts(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N, k] log-probs -> (tokens kept per position, [N, k] bool: dropped) by descending probability."""
@@ -75,7 +76,8 @@ class AdaptiveEncoding(_SetCodec):
         tail_code = self.tail_codes(_logsumexp_rows(kept_lp), tail)
         ranks, codes = self.sort_by_rank(ids, self.value_codes(lp), drop=dropped)
         slots = np.arange(k)[None, :] < keep[:, None]
-        ranks, codes = ranks[slots], codes[slots]
+        low = np.where(slots, codes, np.iinfo(np.int64).max).min(axis=1)
+        ranks, codes = ranks[slots], (codes - low[:, None])[slots]
         starts = np.zeros(len(ranks), dtype=bool)
         starts[np.concatenate([[0], np.cumsum(keep)[:-1]])] = True
         gaps = gaps_from_sorted(ranks, starts)
@@ -84,7 +86,8 @@ class AdaptiveEncoding(_SetCodec):
         t_rows = np.full(b, t, dtype=np.int64)
         put_stream(out, "ad_len", keep - 1, t_rows, nbytes_for(max(k - 1, 0)))
         put_stream(out, "ad_gap", gaps, per_row, self.gap_bytes)
-        put_stream(out, "ad_val", codes, per_row, self.code_bytes)
+        put_frames(out, "ad_val", codes, per_row, self.code_bytes)
+        put_stream(out, "ad_min", low, t_rows, self.code_bytes)
         put_stream(out, "ad_tail", tail_code, t_rows, 2)
         return out
 
@@ -92,20 +95,22 @@ class AdaptiveEncoding(_SetCodec):
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lens, l_rows = get_stream(columns, "ad_len", nbytes_for(max(k - 1, 0)))
         gaps, g_rows = get_stream(columns, "ad_gap", self.gap_bytes)
-        codes, v_rows = get_stream(columns, "ad_val", self.code_bytes)
+        low, m_rows = get_stream(columns, "ad_min", self.code_bytes)
         tail_code, t_rows = get_stream(columns, "ad_tail", 2)
         b = len(t_rows)
         sizes = lens.astype(np.int64) + 1
-        if not (np.all(l_rows == seq_len) and np.all(t_rows == seq_len)) or (sizes > k).any():
+        if not (np.all(l_rows == seq_len) and np.all(m_rows == seq_len) and np.all(t_rows == seq_len)) \
+                or (sizes > k).any():
             raise ValueError(f"adaptive: stream lengths do not match seq_len={seq_len}, k={k}")
         per_row = sizes.reshape(b, seq_len).sum(axis=1)
-        if not (np.array_equal(per_row, g_rows) and np.array_equal(per_row, v_rows)):
-            raise ValueError("adaptive: id and value streams do not match the stored lengths")
+        if not np.array_equal(per_row, g_rows):
+            raise ValueError("adaptive: the id stream does not match the stored lengths")
+        codes = np.add(get_frames(columns, "ad_val", self.code_bytes, per_row), np.repeat(low, sizes), dtype=np.int32)
         if codes.size and codes.max() > self.max_code:
             raise ValueError("adaptive: value code out of range")
         ranks = sorted_from_gaps(gaps, sizes)
         self.check_ranks(ranks)
         log_topk, log_tail = self.split_mass(tail_code)
-        ids, logprobs = self.dense_from_sets(ranks, codes.astype(np.int64), sizes, k, log_topk)
+        ids, logprobs = self.dense_from_sets(ranks, codes, sizes, k, log_topk)
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
                 log_tail.astype(np.float32).reshape(b, seq_len))

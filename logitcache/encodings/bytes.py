@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -42,9 +43,18 @@ def to_planes(values: np.ndarray, nbytes: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(b[:, i]) for i in range(nbytes)]
 
 
-def from_planes(planes: list[np.ndarray], nbytes: int) -> np.ndarray:
-    """Inverse of :func:`to_planes`: uint8 planes -> unsigned integers (uint8/16/32/64)."""
+def from_planes(planes: list[np.ndarray], nbytes: int, wide: bool = False) -> np.ndarray:
+    """Inverse of :func:`to_planes`: uint8 planes -> unsigned integers (uint8/16/32/64).
+
+    `wide` asks for at least uint32 (what a following cumulative sum wants: numpy's cumsum is
+    several times slower when it also converts the dtype)."""
     dtype = uint_dtype(nbytes)
+    if wide and dtype.itemsize < 4:
+        out = planes[-1].astype(np.uint32)
+        for plane in planes[-2::-1]:
+            out <<= 8
+            out |= plane
+        return out
     if nbytes == 1:
         return planes[0]
     if nbytes == 2:
@@ -99,7 +109,7 @@ def put_stream(out: dict, name: str, values: np.ndarray, row_counts: np.ndarray,
         out[f"{name}_b{i}"] = binary_column(plane, row_counts)
 
 
-def get_stream(columns: dict, name: str, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+def get_stream(columns: dict, name: str, nbytes: int, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read back a stream written by :func:`put_stream`: (flat values, elements per window)."""
     planes, counts = [], None
     for i in range(nbytes):
@@ -109,11 +119,101 @@ def get_stream(columns: dict, name: str, nbytes: int) -> tuple[np.ndarray, np.nd
         elif not np.array_equal(counts, lengths):
             raise ValueError(f"stream '{name}': byte planes disagree in length")
         planes.append(data)
-    return from_planes(planes, nbytes), counts
+    return from_planes(planes, nbytes, wide), counts
 
 
 def stream_fields(name: str, nbytes: int) -> list[pa.Field]:
     return [pa.field(f"{name}_b{i}", pa.binary()) for i in range(nbytes)]
+
+
+# ---------------------------------------------------------------------------
+# self-compressed streams: one zstd frame per window
+# ---------------------------------------------------------------------------
+
+# Small-alphabet, high-entropy streams (value codes) are hurt by zstd's match finder at the levels a
+# writer can afford: it takes 5-byte coincidences as matches and pays more for them than Huffman
+# coding the bytes would cost (measured: +2 B/token at zstd-3 on top-64 codes). A frame per window
+# with min_match 7 is close to pure Huffman coding; its header and table cost ~50 bytes a window.
+FRAME_LEVEL = 3
+FRAME_MIN_MATCH = 7
+_local = threading.local()
+
+
+def _frame_compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        params = zstandard.ZstdCompressionParameters.from_level(FRAME_LEVEL, min_match=FRAME_MIN_MATCH,
+                                                                write_content_size=True)
+        c = _local.cctx = zstandard.ZstdCompressor(compression_params=params)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def put_frames(out: dict, name: str, values: np.ndarray, row_counts: np.ndarray, nbytes: int) -> None:
+    """Store a flat stream as one zstd frame per window (its byte planes one after another)."""
+    flat = np.ascontiguousarray(values)
+    ends = np.cumsum(row_counts)
+    cctx = _frame_compressor()
+    frames = []
+    for start, end in zip(ends - row_counts, ends):
+        planes = to_planes(flat[start:end], nbytes)
+        frames.append(cctx.compress(b"".join(p.tobytes() for p in planes)))
+    out[name] = pa.array(frames, type=pa.binary())
+
+
+def get_frames(columns: dict, name: str, nbytes: int, row_counts: np.ndarray) -> np.ndarray:
+    """Read back a stream written by :func:`put_frames`; `row_counts` (elements per window) must be
+    known from other streams, and each frame must decompress to exactly that many elements."""
+    data, lengths = binary_values(columns[name])
+    if len(lengths) != len(row_counts):
+        raise ValueError(f"stream '{name}': {len(lengths)} windows, expected {len(row_counts)}")
+    dctx = _decompressor()
+    ends = np.cumsum(lengths)
+    parts = []
+    for start, end, count in zip((ends - lengths).tolist(), ends.tolist(), row_counts.tolist()):
+        want = int(count) * nbytes
+        try:
+            raw = _bounded_decompress(dctx, data[start:end], want)
+        except (zstandard.ZstdError, ValueError) as exc:
+            raise ValueError(f"stream '{name}': corrupt zstd frame ({exc})") from None
+        if len(raw) != want:
+            raise ValueError(f"stream '{name}': a window holds {len(raw)} bytes, expected {want}")
+        parts.append(raw)
+    total = int(np.sum(row_counts))
+    raw = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    if nbytes == 1:
+        return raw
+    # per window: plane 0 of its elements, then plane 1, ...: regroup to whole planes
+    planes = [np.empty(total, dtype=np.uint8) for _ in range(nbytes)]
+    pos = 0
+    offset = 0
+    for count in row_counts.tolist():
+        for i in range(nbytes):
+            planes[i][offset:offset + count] = raw[pos:pos + count]
+            pos += count
+        offset += count
+    return from_planes(planes, nbytes)
+
+
+def _bounded_decompress(dctx: zstandard.ZstdDecompressor, frame: bytes, max_size: int) -> bytes:
+    """Decompress one frame of at most `max_size` bytes. The size a frame header declares is checked
+    first: python-zstandard would otherwise allocate whatever a hostile header claims."""
+    if len(frame) == 0:
+        raise ValueError("empty frame")
+    declared = zstandard.frame_content_size(frame)
+    if declared > max_size:
+        raise ValueError(f"frame declares {declared} bytes, more than the {max_size} expected")
+    return dctx.decompress(frame, max_output_size=max(max_size, 1))
+
+
+def frame_fields(name: str) -> list[pa.Field]:
+    return [pa.field(name, pa.binary())]
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +226,7 @@ def zstd_compress(data: bytes, level: int = 19) -> bytes:
 
 
 def zstd_decompress(data: bytes, max_size: int) -> bytes:
-    out = zstandard.ZstdDecompressor().decompress(data, max_output_size=max_size)
+    out = _bounded_decompress(_decompressor(), data, max_size)
     if len(out) > max_size:
         raise ValueError("decompressed blob is larger than announced")
     return out
@@ -205,7 +305,7 @@ class RankMap:
     def ids(self, ranks: np.ndarray) -> np.ndarray:
         """Ranks (already checked to lie below vocab_size) -> int64 ids."""
         if self.id_of is None:
-            return ranks.astype(np.int64)
+            return ranks.astype(np.int64, copy=False)
         return np.take(self.id_of, ranks)
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import register
-from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, gaps_from_sorted,
-                                        get_stream, nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
-                                        stream_fields)
+from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, frame_fields,
+                                        gaps_from_sorted, get_frames, get_stream, nbytes_for, pack_rank_order,
+                                        put_frames, put_stream, sorted_from_gaps, stream_fields)
 from logitcache.errors import UserError
 
 TAIL_ZERO = 0           # stored code: the tail is exactly 0 (log T = -inf), e.g. k == vocab
@@ -39,8 +39,17 @@ def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
     return np.where(finite, s + safe_m, m)
 
 
+# zstd level writers SHOULD use for these encodings' columns (Parquet's per-column level). The
+# gap planes are where the level matters (repeated runs of frequent-token ranks, found by a deeper
+# match search): 55.1 -> 51.7 B/token from level 3 to 9 on the demo teacher, writing ~3x slower
+# (still >250k tokens/s on one core). Value frames are compressed by the encoding itself.
+PARQUET_LEVEL = 9
+
+
 class _SetCodec:
     """What compact, adaptive and sampled share: the rank map, value codes and the tail code."""
+
+    parquet_level = PARQUET_LEVEL
 
     def __init__(self, step: float = 0.009, tail_step: float = 1 / 32, vocab_size: int | None = None,
                  rank_table: str | None = None):
@@ -138,17 +147,19 @@ class _SetCodec:
         return key >> self.code_bits, key & ((1 << self.code_bits) - 1)
 
     def dense_from_sets(self, ranks: np.ndarray, codes: np.ndarray, sizes: np.ndarray | None, n: int,
-                        log_topk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                        log_topk: np.ndarray, inverted: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Flat per-position sets -> ([N, n] int64 ids, [N, n] float32 log-probs), descending by value.
 
-        `ranks` (checked by the caller to lie below V) and `codes` are flat, set after set; `sizes` gives each set's
+        `ranks` (checked by the caller to lie below V) and `codes` (or, with `inverted`, max_code - code
+        in the key dtype, consumed) are flat, set after set; `sizes` gives each set's
         length (None: all n). Values are rescaled so that each row's probabilities sum to
         exp(log_topk). Slots past a set's size are padding: log-prob -inf and the id of the row's
         first (most probable) entry, so a loss that scatters the ids removes nothing twice.
         Ties keep rank order (the more frequent token first).
         """
         rows = len(log_topk)
-        key = np.subtract(self.max_code, codes, dtype=self._key_dtype)       # inverted code: sorts descending
+        # inverted code max_code - c in the high bits: an ascending sort puts large values first
+        key = codes if inverted else np.subtract(self.max_code, codes, dtype=self._key_dtype)
         key <<= self.rank_bits
         key |= ranks.view(self._key_dtype) if ranks.dtype == np.uint32 and self._key_dtype == np.int32 else ranks.astype(self._key_dtype)
         if sizes is None:
@@ -158,8 +169,9 @@ class _SetCodec:
             dense = np.full((rows, n), pad_key, dtype=self._key_dtype)
             dense[np.arange(n)[None, :] < sizes[:, None]] = key
         dense.sort(axis=1)
-        inv = dense >> self.rank_bits
-        rank = dense & ((1 << self.rank_bits) - 1)
+        # intp outputs straight from the key: np.take would otherwise convert its indices each call
+        inv = np.right_shift(dense, self.rank_bits, dtype=np.intp)
+        rank = np.bitwise_and(dense, (1 << self.rank_bits) - 1, dtype=np.intp)
         if sizes is not None:
             pad = inv > self.max_code
             if pad.any():
@@ -183,8 +195,8 @@ class CompactEncoding(_SetCodec):
     name = "compact"
 
     def arrow_fields(self, k: int, seq_len: int) -> list[pa.Field]:
-        return (stream_fields("cz_gap", self.gap_bytes) + stream_fields("cz_val", self.code_bytes)
-                + stream_fields("cz_tail", 2))
+        return (stream_fields("cz_gap", self.gap_bytes) + frame_fields("cz_val")
+                + stream_fields("cz_min", self.code_bytes) + stream_fields("cz_tail", 2))
 
     def encode(self, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
                tail_logmass: np.ndarray) -> dict[str, pa.Array]:
@@ -199,30 +211,37 @@ class CompactEncoding(_SetCodec):
         gaps[:, 1:] = np.diff(ranks, axis=1) - 1
         if k > 1 and gaps[:, 1:].min(initial=0) < 0:
             raise ValueError(f"{self.name}: token ids within a position must be distinct")
+        low = codes.min(axis=1)
         out: dict[str, pa.Array] = {}
         per_row = np.full(b, t * k, dtype=np.int64)
+        per_pos = np.full(b, t, dtype=np.int64)
         put_stream(out, "cz_gap", gaps.reshape(-1), per_row, self.gap_bytes)
-        put_stream(out, "cz_val", codes.reshape(-1), per_row, self.code_bytes)
-        put_stream(out, "cz_tail", tail_code, np.full(b, t, dtype=np.int64), 2)
+        put_frames(out, "cz_val", (codes - low[:, None]).reshape(-1), per_row, self.code_bytes)
+        put_stream(out, "cz_min", low, per_pos, self.code_bytes)
+        put_stream(out, "cz_tail", tail_code, per_pos, 2)
         return out
 
     def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        gaps, g_rows = get_stream(columns, "cz_gap", self.gap_bytes)
-        codes, v_rows = get_stream(columns, "cz_val", self.code_bytes)
+        gaps, g_rows = get_stream(columns, "cz_gap", self.gap_bytes, wide=True)
+        low, m_rows = get_stream(columns, "cz_min", self.code_bytes)
         tail_code, t_rows = get_stream(columns, "cz_tail", 2)
         b = len(t_rows)
-        if not (np.all(g_rows == seq_len * k) and np.all(v_rows == seq_len * k) and np.all(t_rows == seq_len)):
+        if not (np.all(g_rows == seq_len * k) and np.all(m_rows == seq_len) and np.all(t_rows == seq_len)):
             raise ValueError(f"{self.name}: stream lengths do not match seq_len={seq_len}, k={k}")
         n = b * seq_len
-        if codes.size and codes.max() > self.max_code:
-            raise ValueError(f"{self.name}: value code out of range")
+        delta = get_frames(columns, "cz_val", self.code_bytes, g_rows)
         ranks = ranks_from_fixed_gaps(gaps, n, k)
         # with gaps below 2**16 no set can wrap, ranks increase within a set: its last is its largest
         top = ranks.reshape(n, k)[:, -1] if self.gap_bytes <= 2 else ranks
         self.check_ranks(top)
+        # inverted codes max_code - (low + delta), the sort key's high part; negative = corrupt
+        inv = np.subtract((self.max_code - low.astype(np.int32))[:, None], delta.reshape(n, k),
+                          dtype=self._key_dtype)
+        if inv.size and (inv.min() < 0 or low.max() > self.max_code):
+            raise ValueError(f"{self.name}: value code out of range")
         log_topk, log_tail = self.split_mass(tail_code)
-        ids, logprobs = self.dense_from_sets(ranks, codes, None, k, log_topk)
+        ids, logprobs = self.dense_from_sets(ranks, inv.reshape(-1), None, k, log_topk, inverted=True)
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
                 log_tail.astype(np.float32).reshape(b, seq_len))
 
@@ -236,7 +255,7 @@ def ranks_from_fixed_gaps(gaps: np.ndarray, n: int, k: int) -> np.ndarray:
     """
     if gaps.size == 0:
         return np.zeros(0, dtype=np.uint32)
-    cs = np.cumsum(gaps, dtype=np.uint32).reshape(n, k)
+    cs = (np.cumsum(gaps, out=gaps) if gaps.dtype == np.uint32 else np.cumsum(gaps, dtype=np.uint32)).reshape(n, k)
     base = np.empty(n, dtype=np.uint32)
     base[0] = 0
     base[1:] = cs[:-1, -1]

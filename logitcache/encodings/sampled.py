@@ -72,6 +72,7 @@ class SampledEncoding:
     """Unique sampled ids (frequency-rank gaps) + counts; decodes to sample_ids / sample_counts."""
 
     name = "sampled"
+    parquet_level = 9          # zstd level writers SHOULD use for these columns (see compact.PARQUET_LEVEL)
     # what decode() returns, in order; top-k encodings return topk_ids, topk_logprobs, tail_logmass
     outputs = ("sample_ids", "sample_counts")
 
