@@ -496,3 +496,80 @@ def test_shape_checks() -> None:
         forward_kl(student, ids, lps, tail, mask.float())
     with pytest.raises(AssertionError):
         forward_kl(student, ids.float(), lps, tail, mask)
+
+
+def reference_buckets(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The straightforward (unfused) computation: two logsumexps over upcast logits."""
+    lse = torch.logsumexp(z, dim=-1)
+    s_topk = z.gather(1, ids) - lse[:, None]
+    z_rest = z.scatter(1, ids, -math.inf)
+    empty = torch.isneginf(z_rest.amax(dim=-1)).detach()
+    rest = torch.logsumexp(z_rest.masked_fill(empty[:, None], 0.0), dim=-1)
+    return s_topk, torch.where(empty, torch.full_like(rest, -math.inf), rest - lse), lse
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_buckets_match_straightforward_computation(temperature: float, dtype: torch.dtype) -> None:
+    # Values and gradients (through s_topk, s_tail and lse with random upstream
+    # gradients) of the fused autograd.Function against the plain autograd
+    # composition on the same upcast logits, both in float32: they differ only in
+    # summation order and shift, so 1e-5 absolute on log-probs (magnitude <= ~30)
+    # and 1e-6 absolute + 1e-5 relative on gradients (O(1), up to ~5 where upstream
+    # gradients add up) -- a few float32 ulps of headroom; bf16 gradients are
+    # compared after their own rounding (2^-8 relative).
+    from trainer.losses import _student_buckets
+
+    g = torch.Generator().manual_seed(21)
+    n, v, k = 16, 300, 7
+    x = (torch.randn(n, v, generator=g) * 4.0).to(dtype)
+    x[3, 10] = -math.inf  # a vocabulary entry the student rules out
+    x[5, 50] = 60.0  # a very confident row: tail ~e^-55, still inside float32's range
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    ids[3, 0] = 10  # ... and is one of the cached ids
+    gt, gs, gl = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+
+    xa = x.clone().requires_grad_()
+    fa = _student_buckets(xa, ids, temperature)
+    xb = x.clone().requires_grad_()
+    fb = reference_buckets(xb.float() / temperature, ids)
+    for a, b in zip(fa, fb):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert torch.isneginf(fa[0][3, 0])
+
+    def upstream(out):
+        s_topk, s_tail, lse = out
+        return (torch.where(torch.isfinite(s_topk), s_topk, 0.0) * gt).sum() + (s_tail * gs).sum() + (lse * gl).sum()
+
+    upstream(fa).backward()
+    upstream(fb).backward()
+    assert xa.grad.dtype == dtype
+    torch.testing.assert_close(xa.grad.float(), xb.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+
+
+def test_tail_below_float32_range_relative_to_max() -> None:
+    # Tail e^-150 relative to the max: exp(z - max) underflows to 0 in float32 for
+    # every tail token, yet the tail log-mass must come out exact (float32 rounding
+    # of a ~-147 value: 1e-4) with the right gradient, checked against float64.
+    v = 40
+    x = torch.zeros(2, v)
+    x[0, 0], x[0, 1] = 150.0, 149.0  # row 0: cached ids 0 and 1 hold all but ~e^-150
+    x[1] = torch.linspace(-3, 3, v)  # row 1: an ordinary row next to it
+    ids = torch.tensor([[0, 1], [5, 7]])
+    xs = x.clone().requires_grad_()
+    s_topk, s_tail = student_topk_and_tail(xs, ids)
+    exact = math.log(v - 2) - (150.0 + math.log1p(math.exp(-1.0)))
+    assert torch.isfinite(s_tail).all()
+    assert abs(s_tail[0].item() - exact) < 1e-4
+    (s_tail.sum() + s_topk.sum()).backward()
+
+    x64 = x.double().requires_grad_()
+    r_topk, r_tail, _ = reference_buckets(x64, ids)
+    torch.testing.assert_close(s_tail.double(), r_tail.detach(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(s_topk.double(), r_topk.detach(), rtol=0, atol=1e-5)
+    (r_tail.sum() + r_topk.sum()).backward()
+    # d s_tail / dz_j = 1/38 on each tail token of row 0 (all underflowed in exp(z - max))
+    torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=0, atol=1e-6)
+    assert abs(xs.grad[0, 2].item() - 1.0 / (v - 2)) < 1e-6

@@ -34,6 +34,7 @@ import math
 from typing import Literal
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -126,29 +127,112 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _student_buckets(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student log-probs at ``ids`` and log-mass outside them, from upcast logits ``z``.
+class _TopkTail(torch.autograd.Function):
+    """Fused student buckets: ``(s_topk [N,k], s_tail [N], lse [N])`` of ``z = x / T``.
 
-    Returns ``(s_topk [N,k], s_tail [N], lse [N])``.  The tail is
-    ``logsumexp(z over the complement of ids) - logsumexp(z)``: summing the
-    complement directly keeps full relative precision for tiny tails (1e-30 is
-    representable), whereas ``log1mexp(logsumexp(s_topk))`` cancels
-    catastrophically once the tail drops below float eps and would hand the KL
-    a wrong (or -inf) student tail exactly when the student is confident.  The
-    price is one extra ``[N, V]`` buffer, bounded by chunking in
-    :func:`distill_loss`.
+    Forward, in the compute dtype (float32+): ``m = max(x)``, ``e = exp((x - m) / T)``
+    with the top-k slots zeroed in place after gathering them (``e_ids``),
+    ``rest = sum(e)`` -- the complement summed directly, so no cancellation --
+    and ``S = rest + sum(e_ids)``.  Then ``lse = m / T + log S``,
+    ``s_topk = z[ids] - lse`` and ``s_tail = log(rest) - log S``.  That is one
+    ``[N, V]`` buffer (``e``) and four passes over it, against two logsumexps,
+    a scatter copy and an amax before.
+
+    A tail far below the row's maximum underflows in ``e`` (float32 exp flushes
+    below ~1e-38, and ``V`` such losses bound the absolute error of ``rest`` by
+    ``V * tiny``).  Rows whose ``rest`` is under ``V * tiny / eps`` -- tails below
+    about ``e^-58`` of the max in float32, including empty complements -- are
+    recomputed exactly with the complement's own maximum as the shift; their
+    tail softmax ``r`` (``[rows, V]``) is kept for backward.  Detecting them is
+    one host sync on accelerators.
+
+    Backward with ``p = e / S``: ``d s_topk_i / dz_j = [j == id_i] - p_j``,
+    ``d s_tail / dz_j = [j not in ids] e_j / rest - p_j`` (``r_j - p_j`` for the
+    recomputed rows; 0 where the tail is -inf, as for a constant), and
+    ``d lse / dz_j = p_j``; all times ``1 / T`` for ``x``.  Only ``e`` (top-k
+    slots zeroed), ``e_ids`` and per-row scalars are saved.
     """
-    lse = torch.logsumexp(z, dim=-1)
-    s_topk = z.gather(1, ids) - lse[:, None]
-    z_rest = z.scatter(1, ids, -math.inf)
-    # Rows with nothing outside the ids (k == V): make the logsumexp input finite
-    # so its backward is 0 rather than NaN, then put the -inf back.
-    with torch.no_grad():  # amax would otherwise save z_rest a second time
-        empty = torch.isneginf(z_rest.amax(dim=-1))
-    z_rest.masked_fill_(empty[:, None], 0.0)  # in place: scatter's backward only needs ids
-    rest = torch.logsumexp(z_rest, dim=-1)
-    s_tail = torch.where(empty, torch.full_like(rest, -math.inf), rest - lse)
-    return s_topk, s_tail, lse
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, ids: torch.Tensor, temperature: float):
+        dtype = _compute_dtype(x)
+        inv_t = 1.0 / temperature
+        m = x.amax(dim=-1, keepdim=True).to(dtype)  # exact in any dtype
+        e = torch.sub(x, m)  # promotes to ``dtype``: one fresh buffer, reused in place below
+        if temperature != 1.0:
+            e.mul_(inv_t)
+        e.exp_()
+        e_ids = e.gather(1, ids)
+        e.scatter_(1, ids, 0.0)
+        rest = e.sum(dim=-1)
+        total = rest + e_ids.sum(dim=-1)
+        log_total = total.log()
+        m = m.squeeze(1) * inv_t
+        lse = m + log_total
+        s_topk = x.gather(1, ids).to(dtype) * inv_t - lse[:, None]
+        s_tail = rest.log() - log_total
+        tail_coef = 1.0 / rest  # times e_j: d s_tail / dz_j beyond -p_j (inf where rest == 0: replaced below)
+
+        finfo = torch.finfo(dtype)
+        low = rest < x.shape[1] * finfo.tiny / finfo.eps
+        rows = low.nonzero().squeeze(1) if bool(low.any()) else None
+        r = None
+        if rows is not None:
+            zr = x[rows].to(dtype)
+            if temperature != 1.0:
+                zr = zr * inv_t
+            zr.scatter_(1, ids[rows], -math.inf)
+            mt = zr.amax(dim=-1, keepdim=True)
+            empty = torch.isneginf(mt)
+            er = torch.exp(zr - torch.where(empty, torch.zeros_like(mt), mt))  # empty rows: all 0
+            rest_r = er.sum(dim=-1, keepdim=True)
+            r = torch.where(empty, torch.zeros_like(er), er / rest_r)
+            tail_r = torch.where(empty, torch.full_like(mt, -math.inf), mt + rest_r.log()).squeeze(1)
+            s_tail = s_tail.index_copy(0, rows, tail_r - lse[rows])
+            tail_coef = tail_coef.index_fill(0, rows, 0.0)
+        ctx.temperature = temperature
+        ctx.in_dtype = x.dtype
+        ctx.has_rows = rows is not None
+        extra = (rows, r) if rows is not None else ()
+        ctx.save_for_backward(e, ids, e_ids, total, tail_coef, torch.isfinite(s_tail), *extra)
+        return s_topk, s_tail, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_topk, g_tail, g_lse):
+        e, ids, e_ids, total, tail_coef, tail_finite, *extra = ctx.saved_tensors
+        dtype = e.dtype
+        n = e.shape[0]
+        zeros = torch.zeros(n, dtype=dtype, device=e.device)
+        g_topk = torch.zeros_like(e_ids) if g_topk is None else g_topk.to(dtype)
+        g_tail = zeros if g_tail is None else torch.where(tail_finite, g_tail.to(dtype), zeros)
+        g_lse = zeros if g_lse is None else g_lse.to(dtype)
+        inv_t = 1.0 / ctx.temperature
+        # coefficient of p_j = e_j / S, shared by every column
+        coef = (g_lse - g_topk.sum(dim=-1) - g_tail) / total
+        row = (coef + g_tail * tail_coef) * inv_t
+        dz = e * row[:, None]  # top-k slots of e are 0
+        dz.scatter_(1, ids, (e_ids * coef[:, None] + g_topk) * inv_t)
+        if ctx.has_rows:
+            rows, r = extra
+            dz.index_add_(0, rows, r * (g_tail[rows] * inv_t)[:, None])
+        return dz.to(ctx.in_dtype), None, None
+
+
+def _student_buckets(
+    x: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student log-probs at ``ids`` and log-mass outside them, for logits ``x / temperature``.
+
+    Returns ``(s_topk [N,k], s_tail [N], lse [N])`` in the compute dtype; ``x``
+    may be in any float dtype (the upcast happens inside, see :class:`_TopkTail`).
+    The tail is the complement summed directly rather than
+    ``log1mexp(logsumexp(s_topk))``, which cancels catastrophically once the tail
+    drops below float eps and would hand the KL a wrong (or -inf) student tail
+    exactly when the student is confident.  It is -inf with a zero gradient when
+    nothing lies outside ``ids``.
+    """
+    return _TopkTail.apply(x, ids, float(temperature))
 
 
 def student_topk_and_tail(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,12 +240,12 @@ def student_topk_and_tail(student_logits: torch.Tensor, topk_ids: torch.Tensor) 
 
     Returns ``(s_topk [N, k], s_tail [N])`` in float32 (float64 for float64 input).
     ``s_tail`` equals ``log1mexp(logsumexp(s_topk))`` mathematically but is
-    computed as a logsumexp over the complement, which is accurate for tails far
-    below float eps; it is -inf (with zero gradient) when the ids cover the vocab.
+    computed by summing the complement, which is accurate for tails far below
+    float eps (and below float32's range relative to the max); it is -inf (with
+    zero gradient) when the ids cover the vocab.
     """
     _check_logits_ids(student_logits, topk_ids)
-    z = student_logits.to(_compute_dtype(student_logits))
-    s_topk, s_tail, _ = _student_buckets(z, topk_ids.long())
+    s_topk, s_tail, _ = _student_buckets(student_logits, topk_ids.long())
     return s_topk, s_tail
 
 
@@ -326,11 +410,11 @@ def _chunk_sums(
     which is what lets :func:`distill_loss` checkpoint it per chunk.
     """
     dtype = _compute_dtype(student_logits)
-    z1 = student_logits.to(dtype)
-    z = z1 / temperature if temperature != 1.0 else z1
-    zero = torch.zeros((), dtype=dtype, device=z.device)
+    zero = torch.zeros((), dtype=dtype, device=student_logits.device)
 
     if renormalize_topk:
+        z1 = student_logits.to(dtype)
+        z = z1 / temperature if temperature != 1.0 else z1
         a = _teacher_buckets(t, None, temperature)
         b = torch.log_softmax(z.gather(1, ids), dim=-1)
         with torch.no_grad():
@@ -338,7 +422,7 @@ def _chunk_sums(
             # metric only: cancellation for tiny tails is harmless here
             s_tail = log1mexp(torch.logsumexp(z.gather(1, ids), dim=-1) - lse)
     else:
-        s_topk, s_tail, lse = _student_buckets(z, ids)
+        s_topk, s_tail, lse = _student_buckets(student_logits, ids, temperature)
         a = _teacher_buckets(t, tail, temperature)
         b = torch.cat([s_topk, s_tail[:, None]], dim=-1)
 
@@ -353,8 +437,8 @@ def _chunk_sums(
         with torch.set_grad_enabled(ce_grad and torch.is_grad_enabled()):
             # reuse the KD logsumexp only when it is at T = 1 and carries a graph
             reuse = temperature == 1.0 and not renormalize_topk
-            lse1 = lse if reuse else torch.logsumexp(z1, dim=-1)
-            ce_rows = lse1 - z1.gather(1, labels[:, None]).squeeze(1)
+            lse1 = lse if reuse else torch.logsumexp(student_logits.to(dtype), dim=-1)
+            ce_rows = lse1 - student_logits.gather(1, labels[:, None]).squeeze(1).to(dtype)
             ce = torch.where(mask, ce_rows, zero).sum()
 
     with torch.no_grad():
