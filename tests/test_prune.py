@@ -137,6 +137,30 @@ def test_sparsity_and_layer_budget():
         plan_for_target(model.config, target_params=1000)
 
 
+def test_small_hidden_plans_divisible_by_heads():
+    # hidden 32 leaves a width multiple of 1, so without the divisibility rule the
+    # planner could pick e.g. hidden 27 with 4 heads, which LlamaConfig rejects.
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    imp = compute_importance(model, batches(1), "activation")
+    total = count_parameters(model)
+    for frac in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95):
+        target = int(frac * total)
+        plan = plan_for_target(config, target_params=target)
+        assert plan["hidden_size"] % plan["num_heads"] == 0, (frac, plan)
+        assert abs(estimate_parameters(config, **plan) - target) / target <= 0.02, (frac, plan)
+        kw = config.to_dict()
+        kw.update(hidden_size=plan["hidden_size"], num_attention_heads=plan["num_heads"],
+                  num_key_value_heads=plan["num_key_value_heads"], intermediate_size=plan["intermediate_size"],
+                  num_hidden_layers=plan["num_layers"], head_dim=8)
+        LlamaConfig(**kw)  # loadable
+        pruned = prune_model(model, imp, **plan)
+        assert abs(count_parameters(pruned) - target) / target <= 0.02, (frac, plan)
+        assert torch.isfinite(logits(pruned, batches(1)[0])).all()
+
+
 def test_checkpoint_roundtrip_and_training(tmp_path):
     src, out = tmp_path / "teacher", tmp_path / "student"
     make_model("qwen2", layers=4).save_pretrained(src)

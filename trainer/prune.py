@@ -168,7 +168,9 @@ def plan_for_target(
     multiple (128..2, leaving >=32 steps) and heads to valid GQA counts makes a single shared
     factor miss the target, so it enumerates every (hidden, heads) pair, solves the FFN size
     exactly for each (parameters are linear in it) and keeps, among shapes within 1% of the
-    target (2% at worst), the one whose per-module keep ratios are most uniform.
+    target (2% at worst), the one whose per-module keep ratios are most uniform.  Only hidden
+    sizes divisible by the number of query heads are considered, since some transformers
+    versions reject any other config even though ``head_dim`` is kept explicitly.
 
     Returns the keyword arguments for ``prune_model``: hidden_size, num_heads,
     num_key_value_heads, intermediate_size, num_layers.
@@ -207,6 +209,10 @@ def plan_for_target(
     best, best_key = None, None
     for h in range(mh, h0 + 1, mh):
         for nq, nkv in head_opts.items():
+            if h % nq:
+                # Some transformers versions reject hidden_size % num_attention_heads != 0
+                # even with head_dim set explicitly (possible once the multiple falls to 1).
+                continue
             dims = dict(hidden_size=h, num_heads=nq, num_key_value_heads=nkv, num_layers=n_layers)
             c0 = estimate_parameters(config, intermediate_size=1, **dims)
             c1 = estimate_parameters(config, intermediate_size=2, **dims) - c0
