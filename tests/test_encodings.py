@@ -193,7 +193,7 @@ def test_ties_and_zero_probabilities(name):
     lp[3, 0] = np.log1p(-1e-7 - 7 * 1e-12)                               # confident, tiny rest
     lp[3, 1:] = np.log(1e-12)
     tail[3] = np.log(1e-7)
-    enc = get_encoding(name, {"p": 1.0} if name == "adaptive" else {})
+    enc = get_encoding(name, {"p": 1.0, "vocab_size": 1000} if name == "adaptive" else {})
     _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, seq_len)
     assert_normalised(lp2, tail2)
     assert np.all(lp2[0, 0] == lp2[0, 0, 0])                             # ties decode equal
@@ -279,10 +279,10 @@ def test_adaptive_folds_dropped_mass_into_the_tail():
     expect = np.minimum(1 + (cum < 0.9).sum(1), k)
     assert np.array_equal(n_kept, expect)
     assert 1 <= n_kept.min() and n_kept.min() < k                       # the data does exercise it
-    # kept tokens are the most probable prefix; padding repeats the first id
+    # kept tokens are the most probable prefix; padding: distinct ids outside the kept set
     for r in range(len(ids)):
         assert set(ids2[r, :n_kept[r]]) == set(ids[r, :n_kept[r]])
-        assert np.all(ids2[r, n_kept[r]:] == ids2[r, 0])
+        assert len(set(ids2[r].tolist())) == k
     kl = coarse_kl(ids, lp, tail, ids2, lp2, tail2)
     assert kl.mean() <= 1e-3 and kl.max() <= 5e-3
     # p = 1 keeps everything and decodes exactly like compact
@@ -293,8 +293,9 @@ def test_adaptive_folds_dropped_mass_into_the_tail():
 
 
 def test_adaptive_padding_is_exact_for_forward_kl():
-    """The padded [N, k] rows give the same tail-bucket forward KL (value and gradient) as the
-    unpadded kept tokens + tail: padding neither adds teacher mass nor removes student mass."""
+    """Padding slots are distinct rare ids with teacher probability 0: for a student that gives
+    them no mass, the padded [N, k] rows give the tail-bucket forward KL (value and gradient) of
+    the kept tokens + tail alone."""
     vocab, k, seq_len = 300, 32, 16
     logits = realistic_logits(seq_len, vocab, seed=6)
     ids, lp, tail = topk_of(logits, k)
@@ -303,17 +304,37 @@ def test_adaptive_padding_is_exact_for_forward_kl():
     ids2, lp2, tail2 = ids2.reshape(-1, k), lp2.reshape(-1, k), tail2.reshape(-1)
     student = torch.randn(seq_len, vocab, dtype=torch.float64)
     one = torch.ones(1, dtype=torch.bool)
+    padded_rows = 0
     for r in range(seq_len):
         n = int((~np.isneginf(lp2[r])).sum())
-        z1 = student[r:r + 1].clone().requires_grad_(True)
+        padded_rows += n < k
+        z = student[r:r + 1].clone()
+        z[0, ids2[r, n:]] = -1e4                     # the student gives the padding ids no mass
+        z1 = z.clone().requires_grad_(True)
         a = forward_kl(z1, torch.from_numpy(ids2[r:r + 1]), torch.from_numpy(lp2[r:r + 1]).double(),
                        torch.from_numpy(tail2[r:r + 1]).double(), one)
         a.backward()
-        z2 = student[r:r + 1].clone().requires_grad_(True)
+        z2 = z.clone().requires_grad_(True)
         b = forward_kl(z2, torch.from_numpy(ids2[r:r + 1, :n]), torch.from_numpy(lp2[r:r + 1, :n]).double(),
                        torch.from_numpy(tail2[r:r + 1]).double(), one)
         b.backward()
-        assert torch.allclose(a, b, atol=1e-12) and torch.allclose(z1.grad, z2.grad, atol=1e-12)
+        assert torch.allclose(a, b, atol=1e-10) and torch.allclose(z1.grad, z2.grad, atol=1e-10)
+    assert padded_rows > 0
+
+
+def test_adaptive_padding_avoids_kept_rare_tokens_and_needs_vocab():
+    vocab, k, seq_len = 50, 8, 4
+    ids = np.array([[49, 48, 47, 1, 2, 3, 4, 5]] * seq_len)       # kept tokens at the rarest ranks
+    lp = np.log(np.array([[0.5, 0.3, 0.1, 0.01, 0.01, 0.01, 0.01, 0.01]] * seq_len, dtype=np.float32))
+    tail = np.log(np.full(seq_len, 0.05, dtype=np.float32))
+    enc = get_encoding("adaptive", {"p": 0.85, "vocab_size": vocab})
+    _, (ids2, lp2, _) = roundtrip(enc, ids, lp, tail, seq_len)
+    ids2, lp2 = ids2.reshape(-1, k), lp2.reshape(-1, k)
+    assert sorted(ids2[0, :3].tolist()) == [47, 48, 49] and np.all(np.isneginf(lp2[0, 3:]))
+    assert ids2[0, 3:].tolist() == [46, 45, 44, 43, 42] and len(set(ids2[0].tolist())) == k
+    with pytest.raises(ValueError, match="vocab_size"):
+        get_encoding("adaptive", {"p": 0.9}).encode(ids.reshape(1, seq_len, k), lp.reshape(1, seq_len, k),
+                                                    tail.reshape(1, seq_len))
 
 
 # ---------------------------------------------------------------------------
@@ -414,4 +435,4 @@ def test_fine_step_uses_two_byte_codes(name):
 
 def test_shipped_parquet_level_is_declared():
     for name in ("compact", "adaptive", "sampled"):
-        assert get_encoding(name, {}).parquet_level == 9
+        assert get_encoding(name, {"vocab_size": 100}).parquet_level == 9

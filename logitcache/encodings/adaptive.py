@@ -9,12 +9,13 @@ Kept tokens are coded exactly as in `compact` (frequency-rank gaps, sqrt(p) code
 plus one length per position.
 
 Decoding gives dense [B, T, k] arrays, most probable first. Slots past a position's length are
-padding: log-prob -inf and, as id, a copy of that position's first (most probable) id. A copy and
-not a fixed id such as 0: the tail-bucket forward KL scatters the ids out of the student's
-distribution, and a fixed pad id that is not among the kept ids would wrongly remove that token's
-student mass from the student's tail bucket; a duplicate of a kept id removes nothing more, and its
--inf teacher log-prob contributes exactly 0. Losses that sum over the student's side of the slots
-(reverse KL, JSD) would count the duplicate; mask padded slots (`logprob == -inf`) for those.
+padding: log-prob -inf and distinct ids outside the kept set, the rarest tokens of the corpus (the
+top of the rank order: V-1, V-2, ...), so every row keeps k distinct ids as the losses require. A
+padding slot says "teacher probability 0" for a token whose true mass, if any, was folded into the
+tail; taking the corpus's rarest tokens keeps that error at the student's (tiny) mass on them. With
+a student that gives them no mass, forward KL on the padded rows equals forward KL on the kept
+tokens alone (tested). Losses that sum over the student's side of every slot (reverse KL, JSD) pay
+`q log q` for each padding slot; mask slots whose log-prob is -inf for those. Needs `vocab_size`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ class AdaptiveEncoding(_SetCodec):
 
     def encode(self, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
                tail_logmass: np.ndarray) -> dict[str, pa.Array]:
+        if self.vocab_size is None:
+            raise ValueError("adaptive: needs vocab_size (fit() sets it) to choose padding ids at decoding")
         b, t, k = topk_ids.shape
         n = b * t
         ids = topk_ids.reshape(n, k)

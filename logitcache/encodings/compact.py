@@ -44,6 +44,7 @@ def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
 # match search): 55.1 -> 51.7 B/token from level 3 to 9 on the demo teacher, writing ~3x slower
 # (still >250k tokens/s on one core). Value frames are compressed by the encoding itself.
 PARQUET_LEVEL = 9
+DECODE_CHUNK = 1 << 18       # entries (positions x k) decoded at a time
 
 
 class _SetCodec:
@@ -146,6 +147,24 @@ class _SetCodec:
         key.sort(axis=1)
         return key >> self.code_bits, key & ((1 << self.code_bits) - 1)
 
+    def _fill_padding(self, rank: np.ndarray, pad: np.ndarray, sizes: np.ndarray) -> None:
+        """Give the padding slots of each row distinct ranks outside the row's set, taken from the
+        top of the rank order down (V-1, V-2, ...: the rarest tokens of the corpus), in place."""
+        if not pad.any():
+            return
+        top = self.vocab_size
+        if top is None or top < rank.shape[1] + 1:
+            raise ValueError(f"{self.name}: padding needs vocab_size > k")
+        col = np.arange(rank.shape[1])[None, :]
+        rank[pad] = (top - 1 - (col - sizes[:, None]))[pad]
+        # A kept token among those rarest ranks would collide: redo such rows one by one (rare).
+        lowest_pad = top - (rank.shape[1] - sizes)
+        clash = np.nonzero(((rank >= lowest_pad[:, None]) & ~pad).any(axis=1))[0]
+        for r in clash.tolist():
+            kept = set(rank[r, ~pad[r]].tolist())
+            free = [c for c in range(top - 1, -1, -1) if c not in kept][:int(pad[r].sum())]
+            rank[r, pad[r]] = free
+
     def dense_from_sets(self, ranks: np.ndarray, codes: np.ndarray, sizes: np.ndarray | None, n: int,
                         log_topk: np.ndarray, inverted: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Flat per-position sets -> ([N, n] int64 ids, [N, n] float32 log-probs), descending by value.
@@ -153,8 +172,8 @@ class _SetCodec:
         `ranks` (checked by the caller to lie below V) and `codes` (or, with `inverted`, max_code - code
         in the key dtype, consumed) are flat, set after set; `sizes` gives each set's
         length (None: all n). Values are rescaled so that each row's probabilities sum to
-        exp(log_topk). Slots past a set's size are padding: log-prob -inf and the id of the row's
-        first (most probable) entry, so a loss that scatters the ids removes nothing twice.
+        exp(log_topk). Slots past a set's size are padding: log-prob -inf and distinct ids outside
+        the set, the rarest of the rank order (see :meth:`_fill_padding`).
         Ties keep rank order (the more frequent token first).
         """
         rows = len(log_topk)
@@ -173,9 +192,7 @@ class _SetCodec:
         inv = np.right_shift(dense, self.rank_bits, dtype=np.intp)
         rank = np.bitwise_and(dense, (1 << self.rank_bits) - 1, dtype=np.intp)
         if sizes is not None:
-            pad = inv > self.max_code
-            if pad.any():
-                rank[pad] = np.broadcast_to(rank[:, :1], rank.shape)[pad]
+            self._fill_padding(rank, inv > self.max_code, sizes)
         ids = self.ranks.ids(rank)
         # float32 pairwise sums of <= k terms: relative error ~1e-7, well inside the 1e-6 budget
         mass = np.take(self._p_of_inv, inv).sum(axis=1).astype(np.float64)
@@ -230,18 +247,28 @@ class CompactEncoding(_SetCodec):
         if not (np.all(g_rows == seq_len * k) and np.all(m_rows == seq_len) and np.all(t_rows == seq_len)):
             raise ValueError(f"{self.name}: stream lengths do not match seq_len={seq_len}, k={k}")
         n = b * seq_len
-        delta = get_frames(columns, "cz_val", self.code_bytes, g_rows)
-        ranks = ranks_from_fixed_gaps(gaps, n, k)
-        # with gaps below 2**16 no set can wrap, ranks increase within a set: its last is its largest
-        top = ranks.reshape(n, k)[:, -1] if self.gap_bytes <= 2 else ranks
-        self.check_ranks(top)
-        # inverted codes max_code - (low + delta), the sort key's high part; negative = corrupt
-        inv = np.subtract((self.max_code - low.astype(np.int32))[:, None], delta.reshape(n, k),
-                          dtype=self._key_dtype)
-        if inv.size and (inv.min() < 0 or low.max() > self.max_code):
+        delta = get_frames(columns, "cz_val", self.code_bytes, g_rows).reshape(n, k)
+        if low.size and low.max() > self.max_code:
             raise ValueError(f"{self.name}: value code out of range")
         log_topk, log_tail = self.split_mass(tail_code)
-        ids, logprobs = self.dense_from_sets(ranks, inv.reshape(-1), None, k, log_topk, inverted=True)
+        ids = np.empty((n, k), dtype=np.int64)
+        logprobs = np.empty((n, k), dtype=np.float32)
+        gaps = gaps.reshape(n, k)
+        top_low = (self.max_code - low.astype(np.int32))[:, None]
+        # Row chunks bound the temporaries (a few MB each, whatever seq_len and the row group size);
+        # smaller chunks measured no faster, the per-call overhead eating any cache gain.
+        step = max(1, DECODE_CHUNK // max(k, 1))
+        for a in range(0, n, step):
+            e = min(n, a + step)
+            ranks = ranks_from_fixed_gaps(gaps[a:e].reshape(-1), e - a, k)
+            # with gaps below 2**16 no set can wrap: ranks increase within a set, its last is its largest
+            self.check_ranks(ranks.reshape(e - a, k)[:, -1] if self.gap_bytes <= 2 else ranks)
+            # inverted codes max_code - (low + delta), the sort key's high part; negative = corrupt
+            inv = np.subtract(top_low[a:e], delta[a:e], dtype=self._key_dtype)
+            if inv.size and inv.min() < 0:
+                raise ValueError(f"{self.name}: value code out of range")
+            ids[a:e], logprobs[a:e] = self.dense_from_sets(ranks, inv.reshape(-1), None, k, log_topk[a:e],
+                                                           inverted=True)
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
                 log_tail.astype(np.float32).reshape(b, seq_len))
 
