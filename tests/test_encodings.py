@@ -436,3 +436,18 @@ def test_fine_step_uses_two_byte_codes(name):
 def test_shipped_parquet_level_is_declared():
     for name in ("compact", "adaptive", "sampled"):
         assert get_encoding(name, {"vocab_size": 100}).parquet_level == 9
+
+
+@pytest.mark.parametrize("name", TOPK + ("sampled",))
+def test_no_rows_and_k_one(name):
+    vocab = 100
+    enc = get_encoding(name, {"vocab_size": vocab, **({"S": 1} if name == "sampled" else {})})
+    empty = (np.zeros((0, 4, 1), np.int64), np.zeros((0, 4, 1), np.int64 if name == "sampled" else np.float32))
+    if name != "sampled":
+        empty += (np.zeros((0, 4), np.float32),)
+    assert all(a.shape[0] == 0 for a in enc.decode(enc.encode(*empty), 1, 4))
+    if name != "sampled":
+        ids, lp, tail = topk_of(realistic_logits(8, vocab, seed=11), 1)
+        _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, 4)
+        assert np.array_equal(ids2.reshape(-1), ids.reshape(-1))
+        assert_normalised(lp2, tail2)

@@ -82,7 +82,7 @@ class AdaptiveEncoding(_SetCodec):
         low = np.where(slots, codes, np.iinfo(np.int64).max).min(axis=1)
         ranks, codes = ranks[slots], (codes - low[:, None])[slots]
         starts = np.zeros(len(ranks), dtype=bool)
-        starts[np.concatenate([[0], np.cumsum(keep)[:-1]])] = True
+        starts[(np.cumsum(keep) - keep)[keep > 0]] = True
         gaps = gaps_from_sorted(ranks, starts)
         per_row = keep.reshape(b, t).sum(axis=1)
         out: dict[str, pa.Array] = {}
