@@ -451,3 +451,32 @@ def test_no_rows_and_k_one(name):
         _, (ids2, lp2, tail2) = roundtrip(enc, ids, lp, tail, 4)
         assert np.array_equal(ids2.reshape(-1), ids.reshape(-1))
         assert_normalised(lp2, tail2)
+
+
+@pytest.mark.parametrize("name", TOPK)
+def test_through_cache_writer_and_reader(tmp_path, name):
+    """A cache written by CacheWriter with a fitted encoding reads back through CacheReader as the
+    encoding decodes it directly, and within the KL budget of the exact arrays."""
+    from logitcache import format as fmt
+    from logitcache.reader import CacheReader
+    from logitcache.writer import CacheWriter
+    from test_writer import VOCAB, make_header, synthetic_shard
+
+    h = make_header(num_windows=40, rows_per_shard=16)
+    params = get_encoding(name, {}).fit(np.arange(VOCAB).repeat(np.arange(VOCAB) % 7 + 1), VOCAB)
+    h["encoding"] = {"name": name, "params": params}
+    h["key"] = fmt.cache_key(h["teacher"], h["tokenizer"], h["data"], h["k"], h["encoding"])
+    w = CacheWriter(tmp_path, h)
+    shards = [synthetic_shard(h, i) for i in range(h["num_shards"])]
+    for i, arrays in enumerate(shards):
+        w.write_shard(i, **arrays)
+    w.finish()
+    enc = get_encoding(name, params)
+    batch = next(iter(CacheReader(tmp_path).iter_batches(40)))
+    ref = {key: np.concatenate([s[key] for s in shards]) for key in shards[0]}
+    direct = enc.decode(enc.encode(ref["topk_ids"], ref["topk_logprobs"], ref["tail_logmass"]), h["k"], 16)
+    for key, want in zip(("topk_ids", "topk_logprobs", "tail_logmass"), direct):
+        np.testing.assert_array_equal(batch[key].numpy(), want)
+    kl = coarse_kl(ref["topk_ids"], ref["topk_logprobs"], ref["tail_logmass"],
+                   batch["topk_ids"].numpy(), batch["topk_logprobs"].numpy(), batch["tail_logmass"].numpy())
+    assert kl.mean() < 1e-3 and kl.max() < 5e-3
