@@ -134,12 +134,13 @@ def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: d
 
 
 def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], batch_size: int, *,
-               desc: str = "", progress: bool = True) -> None:
+               desc: str = "", progress: bool = True, overlap: bool = True) -> None:
     """Compute the shards `todo` batch by batch; a writer thread writes them as they finish.
 
     The queue holds at most QUEUE_SIZE finished shards, so memory stays bounded when writing is
     slower than computing. An error in the writer thread stops the run and is raised here; on
     Ctrl-C the thread finishes the shard it is writing (it lands complete) and drops the rest.
+    With `overlap` off, shards are written in this thread instead (see `_spare_cpu`).
     """
     from tqdm import tqdm
 
@@ -163,6 +164,10 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
                 return
 
     def put(item) -> None:
+        if not overlap:
+            if item is not None:
+                writer.write_shard(item[0], **item[1])
+            return
         while True:
             if failure:
                 raise _writer_error(writer, failure[0])
@@ -176,7 +181,8 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
-    thread.start()
+    if overlap:
+        thread.start()
     start, ok = time.perf_counter(), False
     try:
         for index in todo:
@@ -189,10 +195,11 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
                       "topk_logprobs": logprobs, "tail_logmass": tail}
             put((index, arrays))
         put(None)
-        thread.join()
+        if overlap:
+            thread.join()
         ok = True
     finally:
-        if not ok:   # interrupted or failed: let the current write land, drop the queued ones
+        if not ok and overlap:   # interrupted or failed: let the current write land, drop the queued ones
             stop.set()
             with contextlib.suppress(queue.Empty):
                 while True:

@@ -259,3 +259,16 @@ def test_an_error_in_the_writer_thread_stops_the_run(tmp_path, tiny_teachers, co
     backend = HFBackend(str(tiny_teachers["llama"]), 8, "cpu", "float32")
     with pytest.raises(UserError, match="manifest key changed"):
         run_shards(backend, writer, windows.tokens, [0, 1, 2], 2, progress=False)
+
+
+def test_inline_and_threaded_writing_give_the_same_bytes(tmp_path, tiny_teachers, corpus_dir, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    windows = prepare_windows(str(corpus_dir), tok, 16, max_windows=10)
+    teacher = describe_teacher(str(tiny_teachers["qwen2"]), None, "float32")
+    header = build_header(teacher, tok, windows, 8, {"name": "fp16", "params": {}}, 4, "text", "hf")
+    backend = HFBackend(str(tiny_teachers["qwen2"]), 8, "cpu", "float32")
+    for overlap in (True, False):
+        writer = CacheWriter(tmp_path / str(overlap), header)
+        run_shards(backend, writer, windows.tokens, [0, 1, 2], 3, progress=False, overlap=overlap)
+        assert writer.finish()["complete"]
+    assert cache_bytes(tmp_path / "True") == cache_bytes(tmp_path / "False")
