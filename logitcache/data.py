@@ -299,7 +299,7 @@ def prepare_windows(source: str, tokenizer, seq_len: int, root: Path | None = No
 
 
 def _atomic_write_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         f.flush()
@@ -308,7 +308,7 @@ def _atomic_write_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
