@@ -26,6 +26,7 @@ import fcntl
 import gc
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -50,7 +51,8 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
             num_workers: int = 1, worker_index: int = 0, text_column: str = "text",
             max_windows: int | None = None, backend: str = "auto", *, revision: str | None = None,
             trust_remote_code: bool = False, logits_chunk: int | None = None,
-            progress: bool = True, backend_options: dict | None = None) -> list[Path]:
+            progress: bool = True, backend_options: dict | None = None,
+            encoding_params: dict | None = None) -> list[Path]:
     """Write one cache per teacher under `out` and return their folders (see the module doc)."""
     out = Path(out)
     _check_arguments(teachers, k, seq_len, batch_size, rows_per_shard, num_workers, worker_index,
@@ -58,8 +60,9 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
     if (out / fmt.MANIFEST_NAME).exists():
         raise UserError(f"--out {out}: is a cache folder itself; pass the folder that holds caches")
     backend_name = resolve_backend_name(backend)
-    enc = get_encoding(encoding)
-    encoding_info = {"name": enc.name, "params": enc.params()}
+    if encoding == "sampled":
+        raise UserError("--encoding sampled: not produced by the teacher backends yet; use compact or adaptive")
+    base_encoding = make_encoding(encoding, encoding_params)
     _quiet_libraries()
 
     # 1. Every teacher's cheap checks before anything is written.
@@ -79,7 +82,9 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
         # 2. Windows, once per tokenizer.
         with _workers_lock(out, num_workers):
             windows = _windows(windows_by_tokenizer, data, tokenizer, seq_len, out, text_column, max_windows)
-        # 3. Header, key, folder.
+        # 3. Encoding (fitted on this teacher's windows and vocabulary if it needs corpus statistics),
+        #    header, key, folder.
+        encoding_info = fit_encoding(base_encoding, windows, teacher["vocab_size"])
         header = build_header(teacher, tokenizer, windows, k, encoding_info, rows_per_shard, text_column,
                               backend_name)
         cache_dir = out / fmt.cache_dir_name(teacher["name_or_path"], k, header["key"])
@@ -116,6 +121,24 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
     for cache_dir in caches:
         print(cache_dir)
     return caches
+
+
+def make_encoding(name: str, params: dict | None = None):
+    """The named encoding with user parameters; an unknown parameter is a one-line UserError."""
+    try:
+        return get_encoding(name, params or {})
+    except TypeError as exc:   # the constructor's "unexpected keyword argument 'x'"
+        found = re.search(r"argument '([^']+)'", str(exc))
+        what = found.group(1) if found else ", ".join(sorted(params or {}))
+        raise UserError(f"--encoding-param {what}: not a parameter of encoding {name}") from None
+
+
+def fit_encoding(enc, windows: Windows, vocab_size: int) -> dict:
+    """The manifest's `encoding` entry: encodings with `fit` take their corpus statistics (the rank
+    table) from the cache's own windows, so the parameters, hence the key, depend on them."""
+    if hasattr(enc, "fit"):
+        enc = get_encoding(enc.name, enc.fit(windows.tokens, vocab_size))
+    return {"name": enc.name, "params": enc.params()}
 
 
 def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: dict, rows_per_shard: int,

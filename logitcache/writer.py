@@ -126,6 +126,7 @@ class CacheWriter:
         self.k = self.manifest["k"]
         self.seq_len = self.manifest["data"]["seq_len"]
         self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
+        self._levels: dict[str, int] | None = None     # per-column zstd levels, see _column_levels
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -244,8 +245,24 @@ class CacheWriter:
         list_columns = [f.name for f in self.schema if pa.types.is_list(f.type)]
         scalar_columns = [f.name for f in self.schema if f.name not in list_columns]
         pq.write_table(table, sink, row_group_size=self.row_group_size, compression="zstd",
-                       compression_level=self.compression_level, use_dictionary=False,
+                       compression_level=self._column_levels(), use_dictionary=False,
                        write_statistics=scalar_columns, version="2.6")
+
+    def _column_levels(self) -> int | dict[str, int]:
+        """zstd level: one for all columns, or per Parquet leaf column when the encoding asks for its
+        own (`parquet_level`, docs/encodings.md) on its columns; the base columns keep ours."""
+        lvl = getattr(self.encoding, "parquet_level", None)
+        if not lvl:
+            return self.compression_level
+        if self._levels is None:
+            enc_cols = {f.name for f in self.encoding.arrow_fields(self.k, self.seq_len)}
+            # keys are leaf paths ("input_ids.list.element"): an unlisted leaf would get zstd's default
+            buf = pa.BufferOutputStream()
+            pq.write_table(self.schema.empty_table(), buf, version="2.6")
+            leaves = pq.ParquetFile(pa.BufferReader(buf.getvalue())).schema
+            self._levels = {leaves.column(i).path: lvl if leaves.column(i).path.split(".")[0] in enc_cols
+                            else self.compression_level for i in range(len(leaves))}
+        return self._levels
 
     def _add_entry(self, entry: dict) -> None:
         with manifest_lock(self.cache_dir):

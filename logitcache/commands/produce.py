@@ -18,10 +18,12 @@ interrupted, and writes nothing if it is complete. The caches' folders are print
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from logitcache.backends import BACKEND_CHOICES
 from logitcache.encodings import available_encodings
+from logitcache.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-shard", type=int, default=256,
                    help="windows per Parquet shard (default 256; best a multiple of --batch-size)")
     p.add_argument("--encoding", default="fp16", choices=available_encodings(),
-                   help="codec of the top-k columns (default fp16)")
+                   help="codec of the top-k columns (default fp16; compact and adaptive: docs/encodings.md; "
+                        "sampled is not produced yet)")
+    p.add_argument("--encoding-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an encoding parameter, repeatable; VALUE is read as JSON if it parses, else as text. "
+                        "compact: step (sqrt(p) quantisation step, default 0.009), tail_step (default 1/32); "
+                        "adaptive: p (mass kept per position, default 0.95) and compact's; sampled: S")
     p.add_argument("--num-workers", type=int, default=1,
                    help="processes splitting the shards of each cache (default 1)")
     p.add_argument("--worker-index", type=int, default=0,
@@ -68,12 +75,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def parse_encoding_params(items: list[str]) -> dict:
+    """KEY=VALUE strings -> dict; values parsed as JSON when possible, else kept as strings."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--encoding-param {item!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
     from logitcache.producer import produce
 
     produce(args.teacher, args.data, args.out, k=args.k, seq_len=args.seq_len, device=args.device,
             dtype=args.dtype, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
-            encoding=args.encoding, num_workers=args.num_workers, worker_index=args.worker_index,
+            encoding=args.encoding, encoding_params=parse_encoding_params(args.encoding_param),
+            num_workers=args.num_workers, worker_index=args.worker_index,
             text_column=args.text_column, max_windows=args.max_windows, backend=args.backend,
             revision=args.revision, trust_remote_code=args.trust_remote_code,
             logits_chunk=args.logits_chunk, progress=not args.no_progress,
