@@ -388,6 +388,29 @@ def _check_options(kind: str, temperature: float, beta: float) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _fold_zero_slots_into_tail(
+    s_topk: torch.Tensor, s_tail: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the student's mass at slots where the teacher has p = 0 into the tail bucket.
+
+    A cached slot with teacher log-prob -inf (a variable-k encoding's padding, or a token the
+    teacher masks out) carries no teacher mass, so it belongs with the tail: the (k+1)-way
+    partition stays a coarsening of the full vocabulary whichever ids pad the row, and padding
+    neither adds teacher mass nor hides student mass. The slot then reads -inf on both sides and
+    the divergence skips it. Applied to forward KL only, where it is exact; reverse KL and JSD keep
+    their floor convention for p = 0 slots (their value there is +inf in truth), so caches with
+    padded rows (`adaptive`) should be distilled with forward KL.
+    """
+    pad = torch.isneginf(t)
+    if not bool(pad.any()):  # the common case: nothing to fold
+        return s_topk, s_tail
+    has_pad = pad.any(dim=-1)
+    # A finite fill (not -inf) keeps logsumexp's backward free of NaN on rows without padding.
+    pad_lse = torch.logsumexp(s_topk.masked_fill(~pad, -1e30), dim=-1)
+    s_tail = torch.where(has_pad, torch.logaddexp(s_tail, pad_lse), s_tail)
+    return s_topk.masked_fill(pad, float("-inf")), s_tail
+
+
 def _chunk_sums(
     student_logits: torch.Tensor,
     ids: torch.Tensor,
@@ -423,6 +446,8 @@ def _chunk_sums(
             s_tail = log1mexp(torch.logsumexp(z.gather(1, ids), dim=-1) - lse)
     else:
         s_topk, s_tail, lse = _student_buckets(student_logits, ids, temperature)
+        if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+            s_topk, s_tail = _fold_zero_slots_into_tail(s_topk, s_tail, t)
         a = _teacher_buckets(t, tail, temperature)
         b = torch.cat([s_topk, s_tail[:, None]], dim=-1)
 
