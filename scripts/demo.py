@@ -67,7 +67,8 @@ def main() -> None:
     caches = work / "caches"
     run(tool("logitcache") + ["produce", "--teacher", str(teacher), "--data", "shakespeare:train",
                               "--out", str(caches), "--k", "64", "--seq-len", "256",
-                              "--max-windows", str(args.windows), "--batch-size", "16"])
+                              "--max-windows", str(args.windows), "--batch-size", "16",
+                              "--dtype", "float32"])   # stored in bf16 to stay small; bf16 is slow on CPUs
     cache = next(p for p in sorted(caches.iterdir()) if (p / "manifest.json").exists())
     run(tool("logitcache") + ["inspect", str(cache)])
 
