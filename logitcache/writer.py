@@ -228,7 +228,7 @@ class CacheWriter:
             size = os.fstat(fd).st_size
             digest = sha256_file(fd)
             os.replace(tmp, final)
-            fmt.fsync_dir(self.cache_dir)
+            fmt.fsync_path(self.cache_dir)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

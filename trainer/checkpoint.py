@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from logitcache.format import fsync_path
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from logitcache.errors import UserError
@@ -118,14 +120,6 @@ def restore_local_rng(tensors: dict[str, torch.Tensor], rank: int = 0) -> None:
 # save / load
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
@@ -148,13 +142,13 @@ def save_checkpoint(out_dir: Path, *, model: torch.nn.Module, optimizer: torch.o
     _write_json(tmp / STATE_NAME, {"format": FORMAT, "version": VERSION, "world_size": len(rng_by_rank),
                                    "host_rng": host_rng_json(), **state})
     for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_file(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     old = out_dir / f".{CHECKPOINT_DIR}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_file(out_dir)
+    fsync_path(out_dir)
     if old.exists():
         shutil.rmtree(old)
     return final
