@@ -18,6 +18,14 @@ confident teacher makes exactly those positions. Summing only the non-top-k term
 *relative* error at float32 rounding (~1e-6) however small it is, and the cost is one `exp` pass
 over the chunk, the same as a plain logsumexp.
 
+On a CPU with a vocabulary much wider than k, step 1 is done in two stages (`_prefiltered_topk`):
+the maxima of `V / 8` strided blocks of 8 columns, the top k + 1 of those, then the top k + 1 of the
+`8 (k + 1)` columns of the chosen blocks. Exact: the k + 1 largest block maxima are k + 1 distinct
+logits, so the (k+1)-th largest logit is at least the smallest of them, and every block holding a
+top-(k+1) logit has a maximum at least that large, i.e. is chosen (ties between equal values may
+resolve to other columns, as in any top-k). It does the same work as `torch.topk` on ~8x fewer
+columns plus one max pass, ~20% faster here.
+
 Every logit column counts: padded vocabulary columns (a model whose embedding matrix is larger than
 its tokenizer) are part of the model's softmax, so they are in the normaliser and may appear in the
 top-k; the cache describes the model's distribution, not a renormalised one. With k == V the tail is
@@ -28,6 +36,11 @@ from __future__ import annotations
 
 import torch
 
+
+# Strided blocks of this many columns for the CPU prefilter; used when V >= _PREFILTER_MIN_RATIO *
+# BLOCK * (k + 1), i.e. when the candidates are a small share of the row.
+_BLOCK = 8
+_PREFILTER_MIN_RATIO = 4
 
 # Logit ranges where exp needs no shift: no overflow while summing (e^60 * 1e6 columns << float32
 # max), and any term that underflows is < e^-37 of the (k+1)-th term, far below float32 rounding.
@@ -72,7 +85,10 @@ def _chunk(x: torch.Tensor, targets: torch.Tensor, k: int, writable: bool):
         lse = torch.logsumexp(vals, dim=1)                                     # (n,)
         tail = torch.full_like(lse, float("-inf"))
     else:
-        vals, ids = torch.topk(x, k + 1, dim=1, sorted=True)                   # (n, k+1)
+        if x.device.type == "cpu" and vocab >= _PREFILTER_MIN_RATIO * _BLOCK * (k + 1):
+            vals, ids = _prefiltered_topk(x, k + 1)                           # (n, k+1)
+        else:
+            vals, ids = torch.topk(x, k + 1, dim=1, sorted=True)               # (n, k+1)
         m2 = vals[:, k:]                                                      # (n, 1) max outside top-k
         ids, vals = ids[:, :k], vals[:, :k]
         buf = x if writable else torch.empty_like(x)
@@ -90,3 +106,21 @@ def _chunk(x: torch.Tensor, targets: torch.Tensor, k: int, writable: bool):
         tail = tail_lse - lse
     logprobs = vals - lse[:, None]
     return ids.to(torch.int32), logprobs, tail, target_logit - lse
+
+
+def _prefiltered_topk(x: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k1, dim=1, sorted=True) through block maxima (see the module docstring).
+
+    Column j < nb * _BLOCK belongs to block j % nb (strided, so the max is a vectorised reduction
+    over a middle dimension); the < _BLOCK columns past nb * _BLOCK are always candidates.
+    """
+    n, vocab = x.shape
+    nb = vocab // _BLOCK
+    body = x[:, :nb * _BLOCK].unflatten(1, (_BLOCK, nb))                       # (n, BLOCK, nb) view
+    blocks = torch.topk(body.amax(dim=1), k1, dim=1, sorted=False).indices      # (n, k1)
+    cand = (blocks[:, :, None] + torch.arange(_BLOCK, device=x.device) * nb).reshape(n, -1)  # (n, k1*BLOCK)
+    if nb * _BLOCK < vocab:
+        rest = torch.arange(nb * _BLOCK, vocab, device=x.device).expand(n, -1)
+        cand = torch.cat([cand, rest], dim=1)
+    vals, pos = torch.topk(x.gather(1, cand), k1, dim=1, sorted=True)          # (n, k1)
+    return vals, cand.gather(1, pos)

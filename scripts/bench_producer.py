@@ -1,12 +1,18 @@
 """Benchmark the producer against a bare forward pass of the same teacher over the same windows.
 
-    python scripts/bench_producer.py --quick        # < 1 min on 2 idle CPU cores
-    python scripts/bench_producer.py                # more windows, best of 3
+    python scripts/bench_producer.py --quick                 # < 1 min on 2 idle CPU cores
+    python scripts/bench_producer.py                         # more windows, best of 3
+    python scripts/bench_producer.py --shape demo --quick    # the demo teacher (hidden 256)
     python scripts/bench_producer.py --teacher PATH --device cuda --dtype bfloat16
 
-Teacher (default): `assets/demo-teacher` when it holds `model.safetensors`, else a 7.4M-parameter
-Llama built from config with random weights (hidden 256, 4 layers, 4 heads, FFN 688, vocabulary
-8192, the demo teacher's shape) saved beside the demo tokenizer. Windows: Shakespeare (train split).
+Why the teacher's width matters: beyond the forward, the producer selects the top-k and sums the
+tail over all V logits of every position, ~3.5 ns per logit here, while the LM head costs 2d FLOPs
+per logit. So the overhead is about (head share of the forward) x (70 / d) on this CPU: ~3% for
+d = 512, but ~15% for the demo teacher (d = 256, its head 57% of its parameters), a shape no real
+teacher has. The default is therefore a Pythia-70m-shaped Llama (hidden 512, 6 layers, 8 heads,
+FFN 1376, i.e. Pythia-70m's width, depth and FFN parameter count; the demo vocabulary of 8192;
+random weights, 23M parameters), the narrowest teacher in common use; `--shape demo` measures the
+demo teacher (`assets/demo-teacher`, trained weights) instead. Windows: Shakespeare (train split).
 
 Measured, best of `--repeats` runs each, alternating so both see the same machine load:
 
@@ -50,13 +56,20 @@ DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-teacher"
 TARGET = 1.10
 
 
-def random_demo_shaped_teacher(folder: Path) -> Path:
-    """The demo teacher's architecture with random weights, beside the demo tokenizer."""
+SHAPES = {  # name -> (hidden, layers, heads, FFN)
+    "pythia-70m": (512, 6, 8, 1376),
+    "demo": (256, 4, 4, 688),
+}
+
+
+def random_teacher(folder: Path, shape: str) -> Path:
+    """A Llama of `shape` with random weights, beside the demo tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, layers, heads, ffn = SHAPES[shape]
     tok = load_tokenizer(DEMO)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
                          rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
                          pad_token_id=0)
     torch.manual_seed(0)
@@ -90,10 +103,13 @@ def bare_forward(model, tokens, batch_size: int, device: str) -> Timer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="48 windows, two timed runs of each (< 1 min)")
-    ap.add_argument("--teacher", default=None, help="teacher folder (default: the demo teacher, see above)")
+    ap.add_argument("--quick", action="store_true", help="fewer windows, two timed runs of each (< 1 min)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="pythia-70m",
+                    help="teacher when no --teacher is given: pythia-70m (default, random weights) or demo "
+                         "(assets/demo-teacher; random weights of its shape if the file is missing)")
+    ap.add_argument("--teacher", default=None, help="teacher folder (overrides --shape)")
     ap.add_argument("--data", default="shakespeare:train", help="corpus (default shakespeare:train)")
-    ap.add_argument("--windows", type=int, default=None, help="windows to run (default 512; 48 with --quick)")
+    ap.add_argument("--windows", type=int, default=None, help="windows to run (default 256; 32 with --quick; x4 with --shape demo)")
     ap.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
     ap.add_argument("--k", type=int, default=64, help="top-k (default 64)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
@@ -108,7 +124,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_windows = args.windows or (48 if args.quick else 512)
+    n_windows = args.windows or (32 if args.quick else 256) * (4 if args.shape == "demo" else 1)
     repeats = args.repeats or (2 if args.quick else 3)
 
     import transformers
@@ -119,10 +135,10 @@ def main() -> None:
     try:
         if args.teacher:
             teacher, label = Path(args.teacher), args.teacher
-        elif (DEMO / "model.safetensors").is_file():
+        elif args.shape == "demo" and (DEMO / "model.safetensors").is_file():
             teacher, label = DEMO, "assets/demo-teacher"
         else:
-            teacher, label = random_demo_shaped_teacher(work / "teacher"), "random 7.4M Llama (demo shape)"
+            teacher, label = random_teacher(work / "teacher", args.shape), f"random Llama ({args.shape} shape)"
         tok = load_tokenizer(teacher)
         # windows for the full run and for a one-batch run (fixed costs), tokenized once, untimed
         tokens = prepare_windows(args.data, tok, args.seq_len, root=work / "windows-root",
@@ -181,7 +197,7 @@ def main() -> None:
                   "produce_s": round(prod, 3), "forward_s": round(fwd, 3), "compute_s": round(comp, 3),
                   "fixed_costs_s": round(fixed, 3), "fixed_costs_cpu_s": round(fixed_cpu, 3),
                   "produce_tokens_per_s": round(n_tokens / prod), "forward_tokens_per_s": round(n_tokens / fwd),
-                  "tokens": n_tokens, "teacher": label, "k": args.k, "seq_len": args.seq_len,
+                  "tokens": n_tokens, "teacher": label, "teacher_parameters": sum(p.numel() for p in model.parameters()), "k": args.k, "seq_len": args.seq_len,
                   "batch_size": args.batch_size, "encoding": args.encoding, "device": args.device,
                   "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": repeats}
         print(json.dumps(result))

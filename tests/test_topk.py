@@ -152,3 +152,48 @@ def test_shifted_and_unshifted_paths_agree(offset):
     for x, y in zip(a[1:], b[1:]):
         torch.testing.assert_close(x, y, atol=tol, rtol=0)
     check(logits + offset, 12, atol=tol)
+
+
+@pytest.mark.parametrize("vocab,k", [(8192, 64), (8197, 64), (4100, 16), (3000, 1)])
+def test_prefiltered_topk_equals_torch_topk(vocab, k):
+    """The CPU block-max prefilter is exact: same values as torch.topk and the same columns
+    (continuous random logits have no ties), for widths divisible by the block and not."""
+    from logitcache.topk import _prefiltered_topk
+
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(64, vocab, generator=g) * 3
+    x[0, :] = -1e9                                   # a row whose top sits in one place
+    x[0, vocab - 1] = 5.0
+    x[1, ::7] = float("-inf")                        # masked columns
+    vals, ids = _prefiltered_topk(x, k + 1)
+    ref_vals, ref_ids = torch.topk(x, k + 1, dim=1)
+    assert torch.equal(vals, ref_vals)
+    assert torch.equal(ids[2:], ref_ids[2:])
+    assert torch.equal(x.gather(1, ids), ref_vals)   # rows 0-1 have ties: any column of equal value
+
+
+def test_prefiltered_topk_with_ties_gives_the_top_values():
+    """Heavily tied logits (a quantised model): the values are the true top k + 1 values."""
+    from logitcache.topk import _prefiltered_topk
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 20, (32, 4096), generator=g).float()
+    vals, ids = _prefiltered_topk(x, 65)
+    assert torch.equal(vals, torch.topk(x, 65, dim=1).values)
+    assert torch.equal(x.gather(1, ids), vals)
+    assert all(len(set(row.tolist())) == 65 for row in ids)   # distinct columns
+
+
+def test_wide_vocabulary_rows_match_the_reference():
+    """The full path with the prefilter on (V = 8192 >> 32 (k + 1)) against float64."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(40, 8192, generator=g) * 4
+    targets = torch.randint(0, 8192, (40,), generator=g)
+    ids, lp, tail, tgt = topk_from_logits(logits, targets, 64)
+    ref = torch.log_softmax(logits.double(), dim=1)
+    ref_vals, ref_ids = torch.topk(ref, 64, dim=1)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(lp.double(), ref_vals, atol=2e-5, rtol=0)
+    mass = lp.double().exp().sum(1) + tail.double().exp()
+    torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tgt.double(), ref.gather(1, targets[:, None]).squeeze(1), atol=2e-5, rtol=0)

@@ -19,7 +19,7 @@ from logitcache.teacher import check_k, describe_teacher, resolve_teacher
 from logitcache.topk import topk_from_logits
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOGITS_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 8 << 20}
+LOGITS_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 
 
 def default_logits_chunk(vocab_size: int, device: str) -> int:
