@@ -140,7 +140,7 @@ def test_a_head_that_is_not_a_plain_projection_is_refused(tmp_path, tiny_tokeniz
 
 
 def test_default_chunk_sizes():
-    assert default_logits_chunk(8192, "cpu") * 8192 * 4 == 8 << 20
+    assert default_logits_chunk(8192, "cpu") * 8192 * 4 == 16 << 20
     assert default_logits_chunk(152064, "cuda") * 152064 * 4 <= 256 << 20
     assert default_logits_chunk(10**9, "cpu") == 1
 

@@ -23,7 +23,7 @@ LOGITS_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 
 
 def default_logits_chunk(vocab_size: int, device: str) -> int:
-    """Positions per LM-head chunk: ~256 MB of float32 logits on a GPU; ~8 MB on a CPU, where
+    """Positions per LM-head chunk: ~256 MB of float32 logits on a GPU; ~16 MB on a CPU, where
     a chunk that stays in cache makes the top-k passes after the matmul nearly free."""
     budget = LOGITS_CHUNK_BYTES["cpu" if torch.device(device).type == "cpu" else "cuda"]
     return max(1, budget // (4 * vocab_size))
