@@ -37,7 +37,7 @@ import numpy as np
 from logitcache import format as fmt
 from logitcache.backends import make_backend, resolve_backend_name
 from logitcache.data import Windows, prepare_windows
-from logitcache.encodings import get_encoding
+from logitcache.encodings import DEFAULT_ENCODING, get_encoding
 from logitcache.errors import UserError
 from logitcache.teacher import (check_k, check_seq_len, check_tokenizer_fits, describe_teacher, load_tokenizer,
                                 resolve_teacher)
@@ -47,7 +47,7 @@ QUEUE_SIZE = 2
 
 
 def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int = 512, device: str = "cpu",
-            dtype: str = "auto", batch_size: int = 8, rows_per_shard: int = 256, encoding: str = "fp16",
+            dtype: str = "auto", batch_size: int = 8, rows_per_shard: int = 256, encoding: str = DEFAULT_ENCODING,
             num_workers: int = 1, worker_index: int = 0, text_column: str = "text",
             max_windows: int | None = None, backend: str = "auto", *, revision: str | None = None,
             trust_remote_code: bool = False, logits_chunk: int | None = None,

@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64, help="top-k (default 64)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     ap.add_argument("--rows-per-shard", type=int, default=16, help="windows per shard (default 16)")
-    ap.add_argument("--encoding", default="fp16", help="cache encoding (default fp16)")
+    ap.add_argument("--encoding", default="compact", help="cache encoding (default compact, the producer's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--dtype", default="float32", help="teacher dtype for both runs (default float32)")
     ap.add_argument("--threads", type=int, default=None,

@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 CPU cores")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default %(default)s)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers feeding KD (default %(default)s)")
-    ap.add_argument("--encoding", default="fp16", help="cache encoding (default %(default)s, the producer's)")
+    ap.add_argument("--encoding", default="compact", help="cache encoding (default %(default)s, the producer's)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in the training process (default %(default)s: on a shared CPU, more "
                          "threads spin against each other and the reader's workers; 0 = torch's default)")

@@ -76,17 +76,25 @@ def test_ladder_of_two_teachers_then_rerun_writes_nothing(capsys, tmp_path, tiny
     assert all(m["complete"] and m["num_shards"] == 3 and m["data"]["num_windows"] == 10 for m in manifests)
     assert manifests[0]["data"] == manifests[1]["data"]
     assert manifests[0]["key"] != manifests[1]["key"]
-    assert manifests[0]["encoding"]["name"] == "fp16" and manifests[0]["producer"]["backend"] == "hf"
+    assert manifests[0]["encoding"]["name"] == "compact" and manifests[0]["producer"]["backend"] == "hf"
     for c, m in zip(caches, manifests):
         assert c.name == fmt.cache_dir_name(m["teacher"]["name_or_path"], 8, m["key"])
 
-    # the cache holds what the backend computes (fp16 values: relative error <= 2**-11)
+    # the cache holds what the backend computes. The default (compact) encoding keeps the id set
+    # exactly and quantises the values, so compare sets and the KL of the (k+1)-way distributions:
+    # per position <= 5e-3 nats, the encoding's documented worst case at its default step.
     reader = CacheReader(caches[0])
     shard = reader.read_shard(0)
     direct = HFBackend(str(tiny_teachers["llama"]), 8, "cpu", "float32").run(shard["input_ids"])
-    assert np.array_equal(shard["topk_ids"], direct.ids)
-    np.testing.assert_allclose(shard["topk_logprobs"], direct.logprobs, rtol=2**-11, atol=6e-8)
-    np.testing.assert_array_equal(shard["tail_logmass"], direct.tail_logmass)
+    assert np.array_equal(np.sort(shard["topk_ids"], axis=-1), np.sort(direct.ids, axis=-1))
+    exact = np.concatenate([direct.logprobs, direct.tail_logmass[..., None]], -1).astype(np.float64)
+    order = np.argsort(shard["topk_ids"], -1), np.argsort(direct.ids, -1)
+    got = np.concatenate([np.take_along_axis(shard["topk_logprobs"], order[0], -1),
+                          shard["tail_logmass"][..., None]], -1).astype(np.float64)
+    exact[..., :-1] = np.take_along_axis(exact[..., :-1], order[1], -1)
+    got -= np.logaddexp.reduce(got, axis=-1, keepdims=True)
+    kl = (np.exp(exact) * (exact - got)).sum(-1)
+    assert kl.max() <= 5e-3, kl.max()
     np.testing.assert_array_equal(shard["target_logprob"], direct.target_logprob)
     assert reader.verify() == []
 
