@@ -542,6 +542,9 @@ def verify_cache(path: str | os.PathLike) -> list[tuple[str, str]]:
     except (UserError, TypeError) as exc:
         return [(fmt.MANIFEST_NAME, str(exc))]
     problems: list[tuple[str, str]] = []
+    sealed = fmt.manifest_checksum_problem(path)      # any changed byte of the manifest itself
+    if sealed:
+        problems.append((fmt.MANIFEST_NAME, sealed))
     listed = sorted(e["index"] for e in m["shards"])
     if m["complete"] and listed != list(range(m["num_shards"])):
         problems.append((fmt.MANIFEST_NAME, f"marked complete but lists {len(listed)} of "

@@ -43,7 +43,7 @@ from logitcache.errors import UserError
 ROW_GROUP_SIZE = 64
 DEFAULT_COMPRESSION_LEVEL = 3
 _SHARD_TMP_PREFIX = ".shard-"          # .shard-00003.parquet.tmp-<pid>
-_MANIFEST_TMP_PREFIX = f".{fmt.MANIFEST_NAME}.tmp-"   # written by format.atomic_write_json
+_MANIFEST_TMP_PREFIX = f".{fmt.MANIFEST_NAME}.tmp-"   # written by format.write_manifest
 _HASH_CHUNK = 1 << 20
 
 
@@ -120,7 +120,7 @@ class CacheWriter:
                                     f"{existing['rows_per_shard']}, not {header['rows_per_shard']}")
             else:
                 manifest = dict(header, shards=[], complete=header["num_shards"] == 0)
-                fmt.atomic_write_json(self.cache_dir / fmt.MANIFEST_NAME, manifest)
+                fmt.write_manifest(self.cache_dir, manifest)
                 fmt.load_manifest(self.cache_dir)   # the header must make a valid manifest
         self.manifest = fmt.load_manifest(self.cache_dir)
         self.k = self.manifest["k"]
@@ -274,7 +274,7 @@ class CacheWriter:
             shards.sort(key=lambda e: e["index"])
             m["shards"] = shards
             m["complete"] = [e["index"] for e in shards] == list(range(m["num_shards"]))
-            fmt.atomic_write_json(self.cache_dir / fmt.MANIFEST_NAME, m)
+            fmt.write_manifest(self.cache_dir, m)
             self.manifest = m
 
     def finish(self) -> dict:
@@ -284,7 +284,7 @@ class CacheWriter:
             complete = [e["index"] for e in m["shards"]] == list(range(m["num_shards"]))
             if complete != m["complete"]:
                 m["complete"] = complete
-                fmt.atomic_write_json(self.cache_dir / fmt.MANIFEST_NAME, m)
+                fmt.write_manifest(self.cache_dir, m)
         self.manifest = m
         return copy.deepcopy(m)
 

@@ -78,8 +78,8 @@ def test_corrupted_manifest_is_detected(cache, capsys):
     assert rc == 1 and out.startswith(f"{mpath}: ") and len(out.splitlines()) == 1
 
     m = json.loads(good)
-    m["shards"][1]["sha256"] = "0" * 64                            # edited sha
-    mpath.write_text(json.dumps(m))
+    m["shards"][1]["sha256"] = "0" * 64                            # edited sha, manifest resealed
+    fmt.write_manifest(cache, m)
     assert [p[0] for p in verify_cache(cache)] == ["shard-00001.parquet"]
     assert "sha256 mismatch" in verify_cache(cache)[0][1]
 
@@ -90,7 +90,7 @@ def test_corrupted_manifest_is_detected(cache, capsys):
 
     m = json.loads(good)
     del m["shards"][2]                                              # complete but a shard unlisted
-    mpath.write_text(json.dumps(m))
+    fmt.write_manifest(cache, m)
     assert verify_cache(cache) == [("manifest.json", "marked complete but lists 3 of 4 planned shards")]
 
     m = json.loads(good)
@@ -110,7 +110,7 @@ def test_wrong_rows_or_columns_with_matching_hash_are_detected(cache, tmp_path):
     om = json.loads((other / "manifest.json").read_text())
     (cache / fmt.shard_name(0)).write_bytes((other / fmt.shard_name(1)).read_bytes())
     m["shards"][0].update(bytes=om["shards"][1]["bytes"], sha256=om["shards"][1]["sha256"])
-    (cache / "manifest.json").write_text(json.dumps(m))
+    fmt.write_manifest(cache, m)
     problems = verify_cache(cache)
     assert len(problems) == 1 and problems[0][0] == "shard-00000.parquet"
 
@@ -131,3 +131,52 @@ def test_cli_inspect(cache, capsys):
     table = dict(line.split(None, 1) if " " in line else (line, "") for line in out.splitlines())
     assert "bytes/token" in out and "entropy lower bound" in out and "mean top-k mass" in out
     assert table["k"] == "8" and table["complete"] == "yes"
+
+
+def _corruptions(data: bytes, n: int):
+    """Single-byte flips at `n` offsets spread over the file (first and last byte included), each
+    flip xor-ing one of several masks, then truncations at `n` lengths (empty file included)."""
+    offsets = np.unique(np.linspace(0, len(data) - 1, n).round().astype(int))
+    for j, off in enumerate(offsets):
+        mask = (0x01, 0x20, 0x5A, 0x80, 0xFF)[j % 5]
+        b = bytearray(data)
+        b[off] ^= mask
+        yield f"flip {mask:#x} at {off}", bytes(b)
+    for cut in np.unique(np.linspace(0, len(data) - 1, n).round().astype(int)):
+        yield f"truncate to {cut}", data[:cut]
+
+
+def test_every_flip_and_truncation_of_every_file_is_named(cache, capsys):
+    """Every shard and the manifest, 60 flips and 60 truncations each: verify names exactly that file.
+
+    The manifest carries `manifest_sha256` over its own bytes, so even flips that keep the JSON
+    valid and its values plausible (a digit of a count, a letter of the teacher's name, whitespace)
+    are caught; the CLI exits 1 and prints the file's path.
+    """
+    names = sorted(p.name for p in cache.iterdir() if p.name.endswith(".parquet")) + [fmt.MANIFEST_NAME]
+    assert len(names) == 5
+    tried = 0
+    for name in names:
+        path = cache / name
+        original = path.read_bytes()
+        for what, corrupted in _corruptions(original, 60):
+            path.write_bytes(corrupted)
+            problems = verify_cache(cache)
+            # a flip inside a shard's listed sha256 also makes that shard mismatch the (corrupt)
+            # manifest; the manifest is always named, first
+            assert problems and problems[0][0] == name, (name, what, problems)
+            if name != fmt.MANIFEST_NAME:
+                assert {p[0] for p in problems} == {name}, (name, what, problems)
+            tried += 1
+        path.write_bytes(original)
+        rc, out, _ = _main(capsys, "verify", str(cache))
+        assert rc == 0, out
+    assert tried == 5 * 120
+    # and through the CLI, once per file
+    for name in names:
+        path = cache / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1])
+        rc, out, err = _main(capsys, "verify", str(cache))
+        assert rc == 1 and out.splitlines()[0].startswith(f"{path}: "), out
+        path.write_bytes(original)
