@@ -16,6 +16,7 @@ COMMANDS = {
     "produce": "run teachers over a corpus and write their top-k caches",
     "inspect": "summarise a cache: teacher, k, windows, bytes/token, top-k mass",
     "verify": "check every shard of a cache against its manifest's sha256 (exit 1 on any mismatch)",
+    "repair": "move a cache's bad shards aside, unlist them, and print the produce command that re-creates them",
 }
 
 
@@ -39,6 +40,11 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) 
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # disk full, file too large, permissions: the system's words, one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{prog}: error: {where}{exc.strerror or exc}; nothing half-written is kept, run the same command "
+              "again once this is fixed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
