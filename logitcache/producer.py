@@ -60,9 +60,13 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
     if (out / fmt.MANIFEST_NAME).exists():
         raise UserError(f"--out {out}: is a cache folder itself; pass the folder that holds caches")
     backend_name = resolve_backend_name(backend)
-    if encoding == "sampled":
-        raise UserError("--encoding sampled: not produced by the teacher backends yet; use compact or adaptive")
     base_encoding = make_encoding(encoding, encoding_params)
+    sample = base_encoding.S if encoding == "sampled" else 0
+    if sample and backend_name != "hf":
+        raise UserError(f"--encoding sampled: needs --backend hf (the {backend_name} backend only returns "
+                        "top log-probs, not draws from the full distribution)")
+    if sample:
+        k = sample          # a sampled cache's k is its S: S slots (distinct ids + counts) per position
     _quiet_libraries()
 
     # 1. Every teacher's cheap checks before anything is written.
@@ -109,7 +113,7 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
                     writer = CacheWriter(cache_dir, header)
                 todo = [i for i in todo if i not in writer.completed()]
                 run_shards(model, writer, windows.tokens, todo, batch_size,
-                           desc=cache_dir.name, progress=progress)
+                           desc=cache_dir.name, progress=progress, sample=sample)
             finally:
                 model.close()
                 del model
@@ -157,13 +161,15 @@ def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: d
 
 
 def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], batch_size: int, *,
-               desc: str = "", progress: bool = True, overlap: bool = True) -> None:
+               desc: str = "", progress: bool = True, overlap: bool = True, sample: int = 0) -> None:
     """Compute the shards `todo` batch by batch; a writer thread writes them as they finish.
 
     The queue holds at most QUEUE_SIZE finished shards, so memory stays bounded when writing is
     slower than computing. An error in the writer thread stops the run and is raised here; on
     Ctrl-C the thread finishes the shard it is writing (it lands complete) and drops the rest.
-    With `overlap` off, shards are written in this thread instead (see `_spare_cpu`).
+    With `overlap` off, shards are written in this thread instead (see `_spare_cpu`). With
+    `sample` = S > 0 the model's `sample` is called instead of `run` (a `sampled` cache), its
+    draws fixed by the cache key and the window ids (see encodings.sampled.window_uniforms).
     """
     from tqdm import tqdm
 
@@ -211,11 +217,21 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
         for index in todo:
             first, rows = index * rps, expected_rows(plan, index)
             shard = tokens[first:first + rows]                                     # (rows, T+1)
-            parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
-            # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
-            ids, logprobs, tail, target = (np.concatenate(column) for column in zip(*parts))
-            arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
-                      "topk_logprobs": logprobs, "tail_logmass": tail}
+            if sample:
+                from logitcache.encodings.sampled import window_uniforms
+
+                parts = [model.sample(shard[s:s + batch_size], sample,
+                                      window_uniforms(writer.key, range(first + s, first + min(rows, s + batch_size)),
+                                                      seq_len, sample))
+                         for s in _batches(rows, batch_size, bar, seq_len, start)]
+                arrays = {"input_ids": shard, **{f: np.concatenate([getattr(p, f) for p in parts])
+                                                 for f in parts[0]._fields}}
+            else:
+                parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
+                # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
+                ids, logprobs, tail, target = (np.concatenate(column) for column in zip(*parts))
+                arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
+                          "topk_logprobs": logprobs, "tail_logmass": tail}
             put((index, arrays))
         put(None)
         if overlap:

@@ -15,6 +15,11 @@ Batches (from `iter_batches` and `dataset`) are dicts of CPU tensors; B windows,
 - `topk_logprobs`  float32 [B, T, k]  their log-probs (normalised over the whole vocabulary)
 - `tail_logmass`   float32 [B, T]     log of the probability mass outside the top-k
 
+A `sampled` cache (`reader.sampled`; its k is S) gives, instead of the three top-k entries:
+
+- `sample_ids`     int64   [B, T, S]  distinct ids among S draws from the teacher's full softmax
+- `sample_counts`  int32   [B, T, S]  how often each was drawn (sum S per position; 0 = padding)
+
 `read_shard(index)` returns the stored layout as numpy instead (`input_ids` is the whole window,
 [rows, T + 1], int32).
 
@@ -42,7 +47,7 @@ from logitcache import format as fmt
 from logitcache.encodings import get_encoding
 from logitcache.encodings.plain import list_values
 from logitcache.errors import UserError
-from logitcache.writer import expected_rows, sha256_file
+from logitcache.writer import expected_rows, is_sampled, sha256_file
 
 UNIT_ROWS = 64   # rows per reading unit of `dataset` (the writer's row group size)
 
@@ -84,13 +89,16 @@ def _tensor(x: np.ndarray, dtype) -> "torch.Tensor":
 
 def _torch_batch(a: dict[str, np.ndarray]) -> dict:
     win = a["input_ids"]
-    return {"window_id": _tensor(a["window_id"], np.int64),
-            "input_ids": _tensor(win[:, :-1], np.int64),
-            "labels": _tensor(win[:, 1:], np.int64),
-            "target_logprob": _tensor(a["target_logprob"], np.float32),
-            "topk_ids": _tensor(a["topk_ids"], np.int64),
-            "topk_logprobs": _tensor(a["topk_logprobs"], np.float32),
-            "tail_logmass": _tensor(a["tail_logmass"], np.float32)}
+    out = {"window_id": _tensor(a["window_id"], np.int64),
+           "input_ids": _tensor(win[:, :-1], np.int64),
+           "labels": _tensor(win[:, 1:], np.int64),
+           "target_logprob": _tensor(a["target_logprob"], np.float32)}
+    if "sample_ids" in a:
+        out.update(sample_ids=_tensor(a["sample_ids"], np.int64), sample_counts=_tensor(a["sample_counts"], np.int32))
+    else:
+        out.update(topk_ids=_tensor(a["topk_ids"], np.int64), topk_logprobs=_tensor(a["topk_logprobs"], np.float32),
+                   tail_logmass=_tensor(a["tail_logmass"], np.float32))
+    return out
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -131,6 +139,10 @@ class CacheReader:
                             f"'{m['encoding']['name']}': {sorted(params)}") from None
         self.k: int = m["k"]
         self.seq_len: int = m["data"]["seq_len"]
+        self.sampled = is_sampled(self.encoding)
+        if self.sampled and self.k != self.encoding.S:
+            raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: a sampled cache's k ({self.k}) "
+                            f"must be its S ({self.encoding.S})")
         self.shards: list[dict] = sorted(m["shards"], key=lambda e: e["index"])
         self._by_index = {e["index"]: e for e in self.shards}
         for e in self.shards:
@@ -232,6 +244,12 @@ class CacheReader:
             out = {"window_id": columns[fmt.COL_WINDOW_ID].to_numpy().astype(np.int64, copy=False),
                    "input_ids": list_values(columns[fmt.COL_INPUT_IDS], np.int32).reshape(rows, T + 1),
                    "target_logprob": list_values(columns[fmt.COL_TARGET_LOGPROB], np.float32).reshape(rows, T)}
+            if self.sampled:
+                ids, counts = self.encoding.decode(columns, k, T)
+                if ids.shape != (rows, T, k) or counts.shape != (rows, T, k):
+                    raise ValueError("sample columns have the wrong length")
+                out.update(sample_ids=ids, sample_counts=counts)
+                return out
             ids, values, tail = self.encoding.decode(columns, k, T)
             if ids.shape != (rows, T, k) or values.shape != (rows, T, k) or tail.shape != (rows, T):
                 raise ValueError("top-k columns have the wrong length")
@@ -650,12 +668,13 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
     sampled = 0
     for entry, a, b in sample_units(reader, max(0, int(sample_windows))) if sample_windows > 0 else []:
         d = reader.read_unit(entry, a, b)
-        mass, ent = topk_stats(d["topk_logprobs"], d["tail_logmass"])
-        sums["mass"] += float(mass.sum())
-        sums["entropy"] += float(ent.sum())
-        sums["tail"] += float(np.exp(d["tail_logmass"].astype(np.float64)).sum())
+        if not reader.sampled:      # draws carry no top-k mass or entropy bound
+            mass, ent = topk_stats(d["topk_logprobs"], d["tail_logmass"])
+            sums["mass"] += float(mass.sum())
+            sums["entropy"] += float(ent.sum())
+            sums["tail"] += float(np.exp(d["tail_logmass"].astype(np.float64)).sum())
         sums["nll"] += float(-d["target_logprob"].astype(np.float64).sum())
-        n_pos += mass.size
+        n_pos += d["target_logprob"].size
         sampled += b - a
 
     def mean(x: float) -> float | None:
@@ -682,9 +701,9 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
         "bytes_per_token": reader.num_bytes / tokens if tokens else None,
         "complete": reader.complete,
         "sampled_windows": sampled,
-        "mean_topk_mass": mean(sums["mass"]),
-        "mean_tail_mass": mean(sums["tail"]),
-        "mean_entropy_lower_bound": mean(sums["entropy"]),
+        "mean_topk_mass": None if reader.sampled else mean(sums["mass"]),
+        "mean_tail_mass": None if reader.sampled else mean(sums["tail"]),
+        "mean_entropy_lower_bound": None if reader.sampled else mean(sums["entropy"]),
         "teacher_nll": mean(sums["nll"]),
         "backend": m["producer"].get("backend"),
     }

@@ -61,6 +61,11 @@ def sha256_file(path: Path | int) -> str:
     return h.hexdigest()
 
 
+def is_sampled(encoding) -> bool:
+    """Whether an encoding stores draws (sample_ids / sample_counts) rather than top-k sets."""
+    return getattr(encoding, "outputs", None) == ("sample_ids", "sample_counts")
+
+
 def expected_rows(manifest: dict, index: int) -> int:
     """Windows held by shard `index`: `rows_per_shard`, fewer for the last one."""
     rps, n = manifest["rows_per_shard"], manifest["data"]["num_windows"]
@@ -125,6 +130,9 @@ class CacheWriter:
         self.manifest = fmt.load_manifest(self.cache_dir)
         self.k = self.manifest["k"]
         self.seq_len = self.manifest["data"]["seq_len"]
+        self.sampled = is_sampled(self.encoding)
+        if self.sampled and self.k != self.encoding.S:
+            raise ValueError(f"a sampled cache's k must be its S ({self.encoding.S}), not {self.k}")
         self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
         self._levels: dict[str, int] | None = None     # per-column zstd levels, see _column_levels
 
@@ -158,25 +166,35 @@ class CacheWriter:
     # -- writing -------------------------------------------------------------------------------
 
     def table(self, index: int, *, input_ids: np.ndarray, target_logprob: np.ndarray,
-              topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail_logmass: np.ndarray,
-              window_ids: np.ndarray | None = None) -> pa.Table:
+              topk_ids: np.ndarray | None = None, topk_logprobs: np.ndarray | None = None,
+              tail_logmass: np.ndarray | None = None, window_ids: np.ndarray | None = None,
+              sample_ids: np.ndarray | None = None, sample_counts: np.ndarray | None = None) -> pa.Table:
         """Check the arrays of shard `index` and build its Arrow table (see `write_shard`)."""
         m = self.manifest
         if not (0 <= index < m["num_shards"]):
             raise ValueError(f"shard index {index} outside 0..{m['num_shards'] - 1}")
         rows, T, k = expected_rows(m, index), self.seq_len, self.k
         first = index * m["rows_per_shard"]
-        shapes = {"input_ids": (input_ids, (rows, T + 1)), "target_logprob": (target_logprob, (rows, T)),
-                  "topk_ids": (topk_ids, (rows, T, k)), "topk_logprobs": (topk_logprobs, (rows, T, k)),
-                  "tail_logmass": (tail_logmass, (rows, T))}
+        shapes = {"input_ids": (input_ids, (rows, T + 1)), "target_logprob": (target_logprob, (rows, T))}
+        if self.sampled:
+            payload = {"sample_ids": sample_ids, "sample_counts": sample_counts}
+            shapes.update(sample_ids=(sample_ids, (rows, T, k)), sample_counts=(sample_counts, (rows, T, k)))
+        else:
+            payload = {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs, "tail_logmass": tail_logmass}
+            shapes.update(topk_ids=(topk_ids, (rows, T, k)), topk_logprobs=(topk_logprobs, (rows, T, k)),
+                          tail_logmass=(tail_logmass, (rows, T)))
+        for name, arr in payload.items():
+            if arr is None:
+                raise ValueError(f"shard {index}: encoding {self.encoding.name} needs {', '.join(payload)}")
         for name, (arr, shape) in shapes.items():
             if tuple(np.shape(arr)) != shape:
                 raise ValueError(f"shard {index}: {name} has shape {tuple(np.shape(arr))}, expected {shape}")
         vocab = m["teacher"].get("vocab_size") if isinstance(m["teacher"], dict) else None
-        ids = np.asarray(topk_ids)
+        id_name = "sample_ids" if self.sampled else "topk_ids"
+        ids = np.asarray(payload[id_name])
         if ids.size and (ids.min() < 0 or (isinstance(vocab, int) and ids.max() >= vocab)):
-            raise ValueError(f"shard {index}: topk_ids outside 0..{vocab}")
-        for name in ("target_logprob", "topk_logprobs", "tail_logmass"):
+            raise ValueError(f"shard {index}: {id_name} outside 0..{vocab}")
+        for name in ("target_logprob",) + (() if self.sampled else ("topk_logprobs", "tail_logmass")):
             if np.isnan(shapes[name][0]).any():
                 raise ValueError(f"shard {index}: {name} contains NaN")
         if window_ids is None:
@@ -192,26 +210,28 @@ class CacheWriter:
             fmt.COL_INPUT_IDS: pa.ListArray.from_arrays(offs_in, pa.array(inp.reshape(-1), pa.int32())),
             fmt.COL_TARGET_LOGPROB: pa.ListArray.from_arrays(offs_t, pa.array(tgt.reshape(-1), pa.float32())),
         }
-        columns.update(self.encoding.encode(np.asarray(topk_ids), np.asarray(topk_logprobs),
-                                            np.asarray(tail_logmass)))
+        columns.update(self.encoding.encode(*(np.asarray(a) for a in payload.values())))
         arrays = [columns[f.name].cast(f.type) if columns[f.name].type != f.type else columns[f.name]
                   for f in self.schema]
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def write_shard(self, index: int, *, input_ids: np.ndarray, target_logprob: np.ndarray,
-                    topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail_logmass: np.ndarray,
-                    window_ids: np.ndarray | None = None) -> dict:
+                    topk_ids: np.ndarray | None = None, topk_logprobs: np.ndarray | None = None,
+                    tail_logmass: np.ndarray | None = None, window_ids: np.ndarray | None = None,
+                    sample_ids: np.ndarray | None = None, sample_counts: np.ndarray | None = None) -> dict:
         """Write shard `index` atomically and list it in the manifest; return its manifest entry.
 
         Arrays (rows = the shard's window count, T = seq_len): `input_ids` [rows, T+1] int,
         `target_logprob` [rows, T] float32, `topk_ids` [rows, T, k] int, `topk_logprobs`
         [rows, T, k] float32 sorted descending, `tail_logmass` [rows, T] float32. `window_ids`
-        defaults to the shard's own range and must equal it if given.
+        defaults to the shard's own range and must equal it if given. A `sampled` cache takes
+        `sample_ids` / `sample_counts` [rows, T, S] instead of the three top-k arrays (its k is S).
         Returns {name, index, first_window, rows, tokens, bytes, sha256}.
         """
         table = self.table(index, input_ids=input_ids, target_logprob=target_logprob,
                            topk_ids=topk_ids, topk_logprobs=topk_logprobs,
-                           tail_logmass=tail_logmass, window_ids=window_ids)
+                           tail_logmass=tail_logmass, window_ids=window_ids,
+                           sample_ids=sample_ids, sample_counts=sample_counts)
         name = fmt.shard_name(index)
         final = self.cache_dir / name
         tmp = self.cache_dir / f".{name}.tmp-{os.getpid()}"

@@ -328,10 +328,9 @@ def test_compact_encoding_end_to_end_against_fp32(capsys, tmp_path, tiny_teacher
         assert kl.max() < (k + 1) * step ** 2, kl.max()
 
 
-def test_encoding_sampled_and_unknown_parameters_are_refused(capsys, tmp_path, tiny_teachers, corpus_dir):
+def test_unknown_encoding_parameters_are_refused(capsys, tmp_path, tiny_teachers, corpus_dir):
     root = tmp_path / "out"
     args = ["--teacher", str(tiny_teachers["llama"]), "--data", str(corpus_dir), "--max-windows", "4", *SMALL]
-    refused(capsys, root, *args, "--encoding", "sampled", match="--encoding sampled: not produced")
     refused(capsys, root, *args, "--encoding", "compact", "--encoding-param", "stepp=0.01",
             match="--encoding-param stepp: not a parameter of encoding compact")
     refused(capsys, root, *args, "--encoding", "adaptive", "--encoding-param", "p=2",

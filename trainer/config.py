@@ -17,7 +17,7 @@ from typing import Any
 from logitcache.errors import UserError
 
 RUN_CONFIG_NAME = "run_config.json"
-LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd")
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "sampled")   # sampled: for sampled caches only
 
 
 @dataclass
@@ -88,6 +88,9 @@ class LossConfig:
             raise UserError(f"--alpha-ce {self.alpha_ce}: must be in [0, 1]")
         if self.logits_chunk < 0:
             raise UserError(f"--logits-chunk {self.logits_chunk}: must be >= 0")
+        if self.loss == "sampled" and (self.temperature != 1.0 or self.renormalize_topk):
+            raise UserError("--loss sampled: the draws are unbiased only at --temperature 1 and have no top-k "
+                            "to renormalise")
 
 
 @dataclass

@@ -11,7 +11,8 @@ Batches are dicts of CPU tensors, the cache reader's convention (B windows, T = 
 - `labels`     int64 [B, T]   the next token at each position (`window[:, 1:]`)
 - `window_id`  int64 [B]
 - cache batches add `topk_ids` int64 [B, T, k], `topk_logprobs` float32 [B, T, k],
-  `tail_logmass` float32 [B, T] and `target_logprob` float32 [B, T].
+  `tail_logmass` float32 [B, T] and `target_logprob` float32 [B, T]; a sampled cache gives
+  `sample_ids` int64 [B, T, S] and `sample_counts` int32 [B, T, S] instead of the top-k three.
 
 Both sources feed the model through a `torch.utils.data.DataLoader` (`--workers` processes decode
 batches while the model trains) whose order never depends on the number of workers.
@@ -128,7 +129,8 @@ class CacheBatches:
             loader = DataLoader(ds, batch_size=None, num_workers=min(workers, max(len(ds), 1)),
                                 pin_memory=pin_memory, **kwargs)
             for batch in loader:
-                if self.vocab_limit is not None and int(batch["topk_ids"].max()) >= self.vocab_limit:
+                ids = batch["sample_ids"] if "sample_ids" in batch else batch["topk_ids"]
+                if self.vocab_limit is not None and int(ids.max()) >= self.vocab_limit:
                     raise UserError(f"--cache {self.reader.path}: a cached teacher id is >= the student's "
                                     f"{self.vocab_limit} usable vocabulary entries")
                 yield batch

@@ -12,6 +12,9 @@ Every backend provides:
                             tuple of numpy arrays
     backend.close()         free the model
 
+The hf backend also provides `backend.sample(windows, S, uniforms)` -> Samples: S draws per
+position from the full softmax at temperature 1 (vLLM only exposes top logprobs, so it cannot).
+
 Results must not depend on which backend made them beyond float32 rounding: log-probs are
 normalised over every logit column, in float32, with the tail computed as in logitcache.topk.
 """
@@ -34,6 +37,14 @@ class TopK(NamedTuple):
     ids: np.ndarray             # (B, T, k) int32, by descending log-prob
     logprobs: np.ndarray        # (B, T, k) float32
     tail_logmass: np.ndarray    # (B, T) float32, log(1 - sum exp(logprobs)), -inf when k == V
+    target_logprob: np.ndarray  # (B, T) float32, log p(window[t + 1])
+
+
+class Samples(NamedTuple):
+    """One batch of draws for a `sampled` cache (logitcache.encodings.sampled)."""
+
+    sample_ids: np.ndarray      # (B, T, S) int64, distinct drawn ids, ascending, 0-padded
+    sample_counts: np.ndarray   # (B, T, S) int32, draws of each id (0 on padding), summing to S
     target_logprob: np.ndarray  # (B, T) float32, log p(window[t + 1])
 
 

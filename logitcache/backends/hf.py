@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from logitcache.backends import TopK
+from logitcache.backends import Samples, TopK
 from logitcache.errors import UserError
 from logitcache.teacher import check_k, describe_teacher, resolve_teacher
 from logitcache.topk import topk_from_logits
@@ -110,6 +110,37 @@ class HFBackend:
                             f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
         return TopK(ids.reshape(B, T, k).cpu().numpy(), lp.reshape(B, T, k).cpu().numpy(),
                     tail.reshape(B, T).cpu().numpy(), tgt.reshape(B, T).cpu().numpy())
+
+    @torch.inference_mode()
+    def sample(self, windows: np.ndarray, S: int, uniforms: torch.Tensor) -> Samples:
+        """S draws per position from the float32 softmax of each LM-head chunk (temperature 1).
+
+        `uniforms` [B * T, S] (logitcache.encodings.sampled.window_uniforms) fix the draws, so they
+        do not depend on the batch size, the chunk size or the device. The top-k path (`run`) is
+        untouched: sampling costs nothing when it is off.
+        """
+        from logitcache.encodings.sampled import draw_samples_at
+
+        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)     # (B, T+1)
+        B, T = x.shape[0], x.shape[1] - 1
+        n, c = B * T, self.chunk_size
+        if tuple(uniforms.shape) != (n, S):
+            raise ValueError(f"uniforms must be [{n}, {S}], got {tuple(uniforms.shape)}")
+        hidden = self.hidden_states(x[:, :-1]).reshape(n, -1)
+        targets = x[:, 1:].reshape(-1)
+        ids = torch.empty(n, S, dtype=torch.int64, device=self.device)
+        counts = torch.empty(n, S, dtype=torch.int32, device=self.device)
+        tgt = torch.empty(n, dtype=torch.float32, device=self.device)
+        for s in range(0, n, c):
+            e = min(n, s + c)
+            logits = self.head(hidden[s:e]).float()                                 # (c, V)
+            if not bool(torch.isfinite(logits).all()):
+                raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
+                                f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
+            tgt[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            ids[s:e], counts[s:e] = draw_samples_at(logits, uniforms[s:e])
+        return Samples(ids.reshape(B, T, S).cpu().numpy(), counts.reshape(B, T, S).cpu().numpy(),
+                       tgt.reshape(B, T).cpu().numpy())
 
     @torch.inference_mode()
     def _self_check(self, name_or_path: str) -> None:

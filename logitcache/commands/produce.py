@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or shakespeare, shakespeare:train, shakespeare:heldout, milton")
     p.add_argument("--out", required=True, type=Path, metavar="ROOT",
                    help="folder that holds the caches (and the shared token windows)")
-    p.add_argument("--k", type=int, default=64, help="top-k log-probs kept per position (default 64)")
+    p.add_argument("--k", type=int, default=64,
+                   help="top-k log-probs kept per position (default 64; a sampled cache's k is its S)")
     p.add_argument("--seq-len", type=int, default=512, help="positions per window (default 512)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -50,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding-param", action="append", default=[], metavar="KEY=VALUE",
                    help="an encoding parameter, repeatable; VALUE is read as JSON if it parses, else as text. "
                         "compact: step (sqrt(p) quantisation step, default 0.009), tail_step (default 1/32); "
-                        "adaptive: p (mass kept per position, default 0.95) and compact's; sampled: S")
+                        "adaptive: p (mass kept per position, default 0.95) and compact's; sampled: S (draws per "
+                        "position from the full softmax, default 16; hf backend only)")
     p.add_argument("--num-workers", type=int, default=1,
                    help="processes splitting the shards of each cache (default 1)")
     p.add_argument("--worker-index", type=int, default=0,

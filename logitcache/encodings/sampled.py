@@ -15,6 +15,7 @@ id, less one, except the last, which is implied by the counts summing to S. Deco
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,16 +56,63 @@ def draw_samples(logits: torch.Tensor | np.ndarray, S: int, generator: torch.Gen
     else:
         probs = torch.softmax(x, dim=-1)
         draws = torch.multinomial(probs, S, replacement=True, generator=generator)   # (N, S)
-        draws, _ = draws.sort(dim=1)
-        new = torch.ones_like(draws, dtype=torch.bool)
-        new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-        slot = new.cumsum(dim=1) - 1                                                 # unique index per draw
-        ids = torch.zeros_like(draws).scatter_(1, slot, draws)
-        counts = torch.zeros((n, S), dtype=torch.int32, device=x.device)
-        counts.scatter_add_(1, slot, torch.ones_like(counts))
+        ids, counts = unique_counts(draws)
     if as_numpy:
         return ids.numpy(), counts.numpy()
     return ids, counts
+
+
+def unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws [N, S] -> (distinct ids [N, S] int64 ascending, left-aligned, 0-padded; counts int32)."""
+    import torch
+
+    n, S = draws.shape
+    draws, _ = draws.long().sort(dim=1)
+    new = torch.ones_like(draws, dtype=torch.bool)
+    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = new.cumsum(dim=1) - 1                                                 # unique index per draw
+    ids = torch.zeros_like(draws).scatter_(1, slot, draws)
+    counts = torch.zeros((n, S), dtype=torch.int32, device=draws.device)
+    counts.scatter_add_(1, slot, torch.ones_like(counts))
+    return ids, counts
+
+
+def draw_samples_at(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draws from softmax(logits) at given uniforms; the producer's exact, seedable sampler.
+
+    `logits` [N, V] (upcast to float32: the softmax is the float32 one every backend computes),
+    `uniforms` [N, S] in [0, 1) (float64). Draw j of row i is the first token whose cumulative
+    probability exceeds `u_ij * total`; the cumulative sum is taken in float64, so each token is
+    drawn with its float32 probability up to ~1e-16, and a token of probability 0 never is. Since
+    the uniforms are given, the draws do not depend on how positions were grouped into chunks or
+    on the device. Returns what :func:`draw_samples` returns (torch, on the logits' device).
+    """
+    import torch
+
+    if logits.dim() != 2 or uniforms.dim() != 2 or uniforms.shape[0] != logits.shape[0]:
+        raise ValueError(f"logits [N, V] and uniforms [N, S] expected, got {tuple(logits.shape)} and "
+                         f"{tuple(uniforms.shape)}")
+    probs = torch.softmax(logits.float(), dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = uniforms.to(device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[1] - 1)
+    return unique_counts(draws)
+
+
+def window_uniforms(key: str, window_ids, seq_len: int, S: int) -> torch.Tensor:
+    """Uniforms [len(window_ids) * seq_len, S] (float64, CPU) for the producer's draws.
+
+    Each window's block comes from its own generator, seeded with sha256(cache key, window id), so
+    a shard's samples are the same whichever run, worker, batch size or device makes them.
+    """
+    import torch
+
+    blocks = []
+    for w in window_ids:
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{int(w)}".encode()).digest()[:8], "little") >> 1
+        g = torch.Generator().manual_seed(seed)
+        blocks.append(torch.rand((seq_len, S), generator=g, dtype=torch.float64))
+    return torch.cat(blocks) if blocks else torch.zeros((0, S), dtype=torch.float64)
 
 
 @register

@@ -5,7 +5,9 @@
 
 The cache stores, per position, the teacher's top-k log-probs and the exact log-mass of the rest;
 the loss compares the student with it over those k + 1 outcomes (`--loss forward_kl`, `reverse_kl`
-or `jsd` with `--beta`), at `--temperature`, mixed with next-token CE by `--alpha-ce`.
+or `jsd` with `--beta`), at `--temperature`, mixed with next-token CE by `--alpha-ce`. A `sampled`
+cache (S draws per position from the full softmax) is trained with `--loss sampled`, random-sampling
+KD (chosen automatically; top-k losses are refused on it, and it on top-k caches).
 `--renormalize-topk` drops the tail bucket (biased; for comparison only). The student's float32
 log-softmax is computed `--logits-chunk` positions at a time.
 
@@ -34,7 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, help="optional: must equal the cache's window length")
     g = p.add_argument_group("loss")
     d = LossConfig()
-    g.add_argument("--loss", choices=LOSS_KINDS, default=d.loss, help="divergence (default %(default)s)")
+    g.add_argument("--loss", choices=LOSS_KINDS, default=None,
+                   help=f"divergence (default: sampled for a sampled cache, else {d.loss}); sampled = "
+                        "random-sampling KD, unbiased for full-vocabulary forward KL, sampled caches only")
     g.add_argument("--beta", type=float, default=d.beta, help="JSD mixture weight (default %(default)s)")
     g.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature (default %(default)s)")
     g.add_argument("--alpha-ce", type=float, default=d.alpha_ce,
@@ -61,6 +65,41 @@ def check_cache(reader, student_fp: str, flag: str) -> None:
     if cache_fp != student_fp:
         raise UserError(f"{flag} {reader.path}: made with tokenizer {_short(cache_fp)}..., the student's "
                         f"tokenizer is {_short(student_fp)}...; distillation needs the same tokenizer")
+
+
+def pick_loss(requested: str | None, reader, flag: str = "--cache") -> str:
+    """The loss for this cache: `sampled` for a sampled cache, a top-k loss otherwise."""
+    if requested is None:
+        return "sampled" if reader.sampled else LossConfig().loss
+    if reader.sampled and requested != "sampled":
+        raise UserError(f"--loss {requested}: {flag} {reader.path} is a sampled cache (draws, no top-k); "
+                        "use --loss sampled")
+    if not reader.sampled and requested == "sampled":
+        raise UserError(f"--loss sampled: {flag} {reader.path} is a top-k cache ({reader.encoding.name}); "
+                        "use forward_kl, reverse_kl or jsd")
+    return requested
+
+
+def make_sampled_loss(loss_cfg: LossConfig, vocab: int):
+    """Random-sampling KD (trainer.losses.sampled_kd_loss) mixed with CE by `alpha_ce`, as a loop loss."""
+    import torch
+
+    from trainer.losses import cross_entropy, sampled_kd_loss
+
+    def loss_fn(logits, batch: dict):
+        labels = batch["labels"].reshape(-1)
+        n = labels.shape[0]
+        s = batch["sample_ids"].shape[-1]
+        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
+        mask = torch.ones(n, dtype=torch.bool, device=labels.device)
+        kd = sampled_kd_loss(flat, batch["sample_ids"].reshape(n, s), batch["sample_counts"].reshape(n, s), mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and loss_cfg.alpha_ce > 0):
+            ce = cross_entropy(flat, labels, mask)
+        a = loss_cfg.alpha_ce
+        loss = kd if a == 0.0 else (1.0 - a) * kd + a * ce
+        return loss, {"loss": loss.detach(), "kd": kd.detach(), "ce": ce.detach(), "n_tokens": mask.sum()}
+
+    return loss_fn
 
 
 def make_kd_loss(loss_cfg: LossConfig, vocab: int):
@@ -99,20 +138,23 @@ def run(args) -> int:
     from trainer.loop import init_distributed, preflight, train
 
     cfg = train_config_from_args(args)
-    loss_cfg = LossConfig(loss=args.loss, beta=args.beta, temperature=args.temperature, alpha_ce=args.alpha_ce,
+    reader = CacheReader(args.cache)
+    loss_cfg = LossConfig(loss=pick_loss(args.loss, reader), beta=args.beta, temperature=args.temperature, alpha_ce=args.alpha_ce,
                           renormalize_topk=args.renormalize_topk, logits_chunk=args.logits_chunk)
     loss_cfg.validate()
 
     # ---- everything that can refuse the run, before any model is loaded
     tokenizer = load_tokenizer(args.student, "--student")
     student_fp = tokenizer_fingerprint(tokenizer)
-    reader = CacheReader(args.cache)
     check_cache(reader, student_fp, "--cache")
     if args.seq_len is not None and args.seq_len != reader.seq_len:
         raise UserError(f"--seq-len {args.seq_len}: the cache {args.cache} has windows of {reader.seq_len} positions")
     eval_reader = None
     if args.eval_cache:
         eval_reader = CacheReader(args.eval_cache)
+        if eval_reader.sampled:
+            raise UserError(f"--eval-cache {args.eval_cache}: a sampled cache has no top-k to measure KL on; "
+                            "use a top-k cache or --eval-data")
         check_cache(eval_reader, student_fp, "--eval-cache")
         if eval_reader.seq_len != reader.seq_len:
             print(f"trainer: note: --eval-cache has seq_len {eval_reader.seq_len}, --cache {reader.seq_len}",
@@ -165,7 +207,7 @@ def run(args) -> int:
 
     source = CacheBatches(reader, cfg.batch_size, cfg.seed, env.rank, env.world, vocab_limit=vocab)
     chunk = loss_cfg.logits_chunk or None
-    loss_fn = make_kd_loss(loss_cfg, vocab)
+    loss_fn = make_sampled_loss(loss_cfg, vocab) if reader.sampled else make_kd_loss(loss_cfg, vocab)
 
     evaluate = None
     eval_bs = cfg.eval_batch_size or cfg.batch_size
