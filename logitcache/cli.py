@@ -17,6 +17,8 @@ COMMANDS = {
     "inspect": "summarise a cache: teacher, k, windows, bytes/token, top-k mass",
     "verify": "check every shard of a cache against its manifest's sha256 (exit 1 on any mismatch)",
     "repair": "move a cache's bad shards aside, unlist them, and print the produce command that re-creates them",
+    "push": "upload a cache to a URL (s3://, hf://, file://): resumable, verified, manifest last",
+    "pull": "download a cache from a URL into a folder, verifying every shard",
 }
 
 

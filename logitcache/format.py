@@ -174,8 +174,14 @@ def load_manifest(cache_dir: Path) -> dict:
         raise UserError(f"{path}: manifest is a symbolic link; refusing to follow it")
     if not path.is_file():
         raise UserError(f"{cache_dir}: not a cache (no {MANIFEST_NAME})")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(data: bytes, path: Path | str) -> dict:
+    """Parse and validate manifest bytes read from anywhere (a folder, an object store); `path`
+    only names the source in errors. Remote copies go through exactly the local checks."""
     try:
-        m = json.loads(path.read_text())
+        m = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
     _require(isinstance(m, dict) and m.get("format") == FORMAT_NAME, path, "not a logitcache manifest")

@@ -124,8 +124,18 @@ class CacheReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"{self.path}: no such cache folder")
-        self.manifest = fmt.load_manifest(self.path)
-        m = self.manifest
+        self._load(fmt.load_manifest(self.path))
+
+    @classmethod
+    def open(cls, path: "str | os.PathLike", **options) -> "CacheReader":
+        """A local folder, or a URL (`s3://`, `hf://`, `file://`, ...) streamed through fsspec with
+        read-ahead (`logitcache.remote.RemoteCacheReader`; `options` go to it)."""
+        from logitcache.remote import RemoteCacheReader, is_url
+        return RemoteCacheReader(str(path), **options) if is_url(path) else cls(path)
+
+    def _load(self, m: dict) -> None:
+        """Check a validated manifest against the plan and every listed shard's size (local or remote)."""
+        self.manifest = m
         for field in ("teacher", "tokenizer", "producer"):
             if not isinstance(m[field], dict):
                 raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: {field} must be an object")
@@ -149,15 +159,18 @@ class CacheReader:
             problem = _entry_problem(m, e)
             if problem:
                 raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: {e['name']}: {problem}")
-            fd = _open_shard_fd(self.path, e)
-            try:
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
+            size = self._shard_size(e)
             if size != e["bytes"]:
                 raise UserError(f"{self.path / e['name']}: {size} bytes, manifest says {e['bytes']} "
                                 f"(truncated or replaced); run `logitcache verify {self.path}`")
         self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
+
+    def _shard_size(self, entry: dict) -> int:
+        fd = _open_shard_fd(self.path, entry)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     # -- description ---------------------------------------------------------------------------
 
