@@ -480,3 +480,124 @@ def test_through_cache_writer_and_reader(tmp_path, name):
     kl = coarse_kl(ref["topk_ids"], ref["topk_logprobs"], ref["tail_logmass"],
                    batch["topk_ids"].numpy(), batch["topk_logprobs"].numpy(), batch["tail_logmass"].numpy())
     assert kl.mean() < 1e-3 and kl.max() < 5e-3
+
+
+# ---------------------------------------------------------------------------
+# edge cases, in every encoding, through Parquet
+# ---------------------------------------------------------------------------
+
+EDGE_CASES = ("empty_tail", "k_equals_vocab", "ties", "neg_inf", "vocab_above_65535", "one_token")
+
+
+def edge_case(case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(ids [8, k], log-probs [8, k] descending, tail [8], vocab) for one edge case."""
+    n, k, vocab = 8, 8, 1000
+    if case == "k_equals_vocab":
+        k = vocab = 12
+    if case == "vocab_above_65535":
+        vocab = 200_003
+    logits = realistic_logits(n, vocab, seed=5)
+    if case == "vocab_above_65535":
+        logits[:, -40:] += 30.0                       # the largest ids win the top-k
+    ids, lp, tail = topk_of(logits, k)
+    if case == "empty_tail":                          # all mass inside the top-k though k < V
+        lp = (lp - np.logaddexp.reduce(lp.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+        tail = np.full(n, -np.inf, np.float32)
+    elif case == "ties":                              # k equal values, tail twice one of them
+        lp = np.full((n, k), np.log(1 / (k + 2)), np.float32)
+        tail = np.full(n, np.log(2 / (k + 2)), np.float32)
+    elif case == "neg_inf":                           # zeros inside the top-k, and a top-k of zeros
+        lp[:, k // 2:] = -np.inf
+        lp[:, :k // 2] = (lp[:, :k // 2] - np.logaddexp.reduce(lp[:, :k // 2].astype(np.float64), axis=1,
+                                                               keepdims=True) + np.log(0.9)).astype(np.float32)
+        tail[:] = np.log(0.1)
+        lp[-1], tail[-1] = -np.inf, 0.0
+    elif case == "one_token":                         # the whole mass on one token
+        lp[:, 1:], lp[:, 0], tail[:] = -np.inf, 0.0, -np.inf
+    return ids, lp, tail, vocab
+
+
+def parquet_roundtrip(enc, arrays: tuple, k: int, seq_len: int):
+    """Encode, write Parquet as the cache writer does, read back, decode."""
+    b = len(arrays[0]) // seq_len
+    shaped = [a.reshape(b, seq_len, *a.shape[1:]) for a in arrays]
+    table = pa.table(enc.encode(*shaped), schema=pa.schema(enc.arrow_fields(k, seq_len)))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=1, compression="zstd", use_dictionary=False, version="2.6")
+    back = pq.read_table(io.BytesIO(buf.getvalue()))
+    return enc.decode({c: back.column(c) for c in back.column_names}, k, seq_len)
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+@pytest.mark.parametrize("name", ("fp32", "fp16") + TOPK)
+def test_topk_edge_cases_round_trip(name, case):
+    """fp32 is bit-exact; fp16 keeps ids and -inf exactly and values to fp16 rounding (rel 2**-11);
+    compact/adaptive keep every nonzero id, zeros as exact zeros, a proper distribution (1e-6) and
+    KL(exact || decoded) under 5e-3 nats (their per-position bound at the default step, see
+    test_compact_kl_bounds_on_realistic_distributions)."""
+    ids, lp, tail, vocab = edge_case(case)
+    k = ids.shape[1]
+    enc = make_fitted(name, vocab) if name in TOPK else get_encoding(name)
+    ids2, lp2, tail2 = (a.reshape(len(ids), *a.shape[2:]) for a in parquet_roundtrip(enc, (ids, lp, tail), k, 4))
+    if name == "fp32":
+        assert np.array_equal(ids2, ids) and np.array_equal(lp2, lp) and np.array_equal(tail2, tail)
+        return
+    if name == "fp16":
+        assert np.array_equal(ids2, ids) and np.array_equal(tail2, tail)
+        assert np.array_equal(np.isneginf(lp2), np.isneginf(lp))
+        fin = np.isfinite(lp)
+        np.testing.assert_allclose(lp2[fin], lp[fin], rtol=2 ** -11, atol=1e-7)
+        return
+    assert_normalised(lp2, tail2)
+    kl = coarse_kl(ids, lp, tail, ids2, lp2, tail2)
+    assert np.isfinite(kl).all() and kl.max() < 5e-3, kl.max()
+    kept = ~np.isneginf(lp2)
+    for r in range(len(ids)):
+        nonzero = set(ids[r][np.isfinite(lp[r])].tolist())
+        got = set(ids2[r][kept[r]].tolist())
+        assert got <= nonzero                          # a decoded nonzero is a true nonzero
+        if name == "compact":
+            assert got == nonzero                      # compact keeps them all; adaptive folds some
+        assert len(set(ids2[r].tolist())) == k         # distinct ids in every row (padding included)
+    if name == "compact":
+        assert np.array_equal(np.isneginf(tail2), np.isneginf(tail))
+    else:                                              # adaptive adds dropped mass to the tail
+        assert not (np.isneginf(tail2) & ~np.isneginf(tail)).any()
+
+
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_sampled_edge_cases_round_trip(case):
+    """Draws of each edge case's distribution, through Parquet: every (id, count) pair exactly.
+
+    "empty_tail": logits finite on 8 tokens only; "k_equals_vocab": S = 64 draws over a 12-token
+    vocabulary (every id can be drawn); "ties": uniform logits; "neg_inf": half the vocabulary at
+    -inf (never drawn); "one_token": one finite logit, so one id with count S."""
+    vocab = {"k_equals_vocab": 12, "vocab_above_65535": 200_003}.get(case, 1000)
+    S = 64 if case == "k_equals_vocab" else 16
+    logits = realistic_logits(8, vocab, seed=9).astype(np.float32)
+    if case == "empty_tail":
+        logits[:, 8:] = -np.inf
+    elif case == "ties":
+        logits[:] = 0.0
+    elif case == "neg_inf":
+        logits[:, ::2] = -np.inf
+    elif case == "vocab_above_65535":
+        logits[:, -40:] += 30.0
+    elif case == "one_token":
+        logits[:] = -np.inf
+        logits[:, 7] = 1.0
+    ids, counts = draw_samples(logits, S, torch.Generator().manual_seed(3))
+    enc = make_fitted("sampled", vocab, S=S)
+    ids2, counts2 = (a.reshape(8, S) for a in parquet_roundtrip(enc, (ids, counts), S, 4))
+    for r in range(8):
+        before = dict(zip(ids[r][counts[r] > 0].tolist(), counts[r][counts[r] > 0].tolist()))
+        after = dict(zip(ids2[r][counts2[r] > 0].tolist(), counts2[r][counts2[r] > 0].tolist()))
+        assert before == after
+        if case == "neg_inf":
+            assert all(i % 2 == 1 for i in after)
+        if case == "one_token":
+            assert after == {7: S}
+        if case == "empty_tail":
+            assert max(after) < 8
+    if case == "vocab_above_65535":
+        assert ids2.max() > 65535

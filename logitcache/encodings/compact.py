@@ -153,8 +153,8 @@ class _SetCodec:
         if not pad.any():
             return
         top = self.vocab_size
-        if top is None or top < rank.shape[1] + 1:
-            raise ValueError(f"{self.name}: padding needs vocab_size > k")
+        if top is None or top < rank.shape[1]:
+            raise ValueError(f"{self.name}: padding needs vocab_size >= k")
         col = np.arange(rank.shape[1])[None, :]
         rank[pad] = (top - 1 - (col - sizes[:, None]))[pad]
         # A kept token among those rarest ranks would collide: redo such rows one by one (rare).
