@@ -173,6 +173,8 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
     """
     from tqdm import tqdm
 
+    from logitcache.claims import ShardClaims
+
     plan = dict(writer.manifest)        # the writer thread replaces writer.manifest as shards land
     rps, seq_len = plan["rows_per_shard"], writer.seq_len
     jobs: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
@@ -187,6 +189,7 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
             index, arrays = item
             try:
                 writer.write_shard(index, **arrays)
+                claims.release(index)
             except BaseException as exc:   # handed to the main thread, which raises it
                 failure.append(exc)
                 stop.set()
@@ -196,6 +199,7 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
         if not overlap:
             if item is not None:
                 writer.write_shard(item[0], **item[1])
+                claims.release(item[0])
             return
         while True:
             if failure:
@@ -213,8 +217,11 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
     if overlap:
         thread.start()
     start, ok = time.perf_counter(), False
+    # another producer on this cache (same command started twice, say) shares the shards: each is
+    # claimed before it is computed, and claimed ones are waited for, not computed twice
+    claims = ShardClaims(writer.cache_dir)
     try:
-        for index in todo:
+        for index in claims.take(todo, writer.completed):
             first, rows = index * rps, expected_rows(plan, index)
             shard = tokens[first:first + rows]                                     # (rows, T+1)
             if sample:
@@ -247,8 +254,13 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
                 jobs.put_nowait(None)
             thread.join()
         bar.close()
+        claims.close()
     if failure:
         raise _writer_error(writer, failure[0])
+    claims.sweep(writer.completed())        # claims left on finished shards by killed producers
+    if len(claims.written) < len(todo):
+        print(f"{desc or writer.cache_dir}: {len(claims.written)} of {len(todo)} shards written by this process, "
+              "the others by another producer of this cache", file=sys.stderr)
 
 
 def _batches(rows: int, batch_size: int, bar, seq_len: int, start: float):
