@@ -52,8 +52,12 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
             max_windows: int | None = None, backend: str = "auto", *, revision: str | None = None,
             trust_remote_code: bool = False, logits_chunk: int | None = None,
             progress: bool = True, backend_options: dict | None = None,
-            encoding_params: dict | None = None) -> list[Path]:
-    """Write one cache per teacher under `out` and return their folders (see the module doc)."""
+            encoding_params: dict | None = None, engine: str = "local",
+            engine_options: dict | None = None) -> list[Path]:
+    """Write one cache per teacher under `out` and return their folders (see the module doc).
+
+    `engine` "ray" runs the teacher on Ray actors (`logitcache.engines.ray_engine`, options such as
+    `actors` and `address` in `engine_options`); the cache is the same as a local run's."""
     out = Path(out)
     _check_arguments(teachers, k, seq_len, batch_size, rows_per_shard, num_workers, worker_index,
                      max_windows, logits_chunk)
@@ -97,10 +101,15 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
         writer = CacheWriter(cache_dir, header) if (cache_dir / fmt.MANIFEST_NAME).exists() else None
         todo = [i for i in mine if i not in writer.completed()] if writer is not None else mine
         # 5. Load and run only when there is work.
-        if todo:
-            model = make_backend(backend_name, name, k=k, device=device, dtype=dtype, revision=rev,
-                                 trust_remote_code=trust_remote_code, chunk_size=logits_chunk,
-                                 seq_len=seq_len, **(backend_options or {}))
+        backend_args = dict(k=k, device=device, dtype=dtype, revision=rev, trust_remote_code=trust_remote_code,
+                            chunk_size=logits_chunk, seq_len=seq_len, **(backend_options or {}))
+        if todo and engine != "local":   # teacher replicas elsewhere, writing through CacheWriter here
+            from logitcache.engines import run_engine
+
+            writer = run_engine(engine, backend_name, name, backend_args, header, cache_dir, windows.tokens, todo,
+                                batch_size, sample=sample, progress=progress, **(engine_options or {}))
+        elif todo:
+            model = make_backend(backend_name, name, **backend_args)
             try:
                 loaded = model.describe()
                 if loaded["vocab_size"] != teacher["vocab_size"]:

@@ -75,6 +75,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=None, help="vllm: GPUs per teacher (default 1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="vllm: share of GPU memory the engine may take (default 0.9)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="where the teacher runs: local (this process) or ray (--ray-actors replicas on a Ray "
+                        "cluster, each writing shards into the same cache; the result equals a local run's)")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="--engine ray: teacher replicas (default: one per GPU of the cluster with a cuda "
+                        "--device, else 1); each takes one GPU, or --ray-cpus-per-actor CPUs")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="--engine ray: cluster to join (auto, ray://host:10001); default: start a local Ray "
+                        "for this run. Multi-node needs --out on a file system every node shares")
+    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
+                   help="--engine ray: CPUs reserved per actor (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -93,6 +104,18 @@ def parse_encoding_params(items: list[str]) -> dict:
     return params
 
 
+def _engine_options(args: argparse.Namespace) -> dict:
+    if args.engine == "local":
+        if args.ray_actors is not None or args.ray_address is not None:
+            raise UserError("--ray-actors/--ray-address: only with --engine ray")
+        return {}
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise UserError(f"--ray-actors {args.ray_actors}: must be at least 1")
+    if args.ray_cpus_per_actor <= 0:
+        raise UserError(f"--ray-cpus-per-actor {args.ray_cpus_per_actor}: must be positive")
+    return {"actors": args.ray_actors, "address": args.ray_address, "cpus_per_actor": args.ray_cpus_per_actor}
+
+
 def run(args: argparse.Namespace) -> int:
     from logitcache.producer import produce
 
@@ -105,5 +128,6 @@ def run(args: argparse.Namespace) -> int:
             logits_chunk=args.logits_chunk, progress=not args.no_progress,
             backend_options={"max_num_batched_tokens": args.max_num_batched_tokens,
                              "tensor_parallel_size": args.tensor_parallel_size,
-                             "gpu_memory_utilization": args.gpu_memory_utilization})
+                             "gpu_memory_utilization": args.gpu_memory_utilization},
+            engine=args.engine, engine_options=_engine_options(args))
     return 0
