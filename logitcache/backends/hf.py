@@ -100,11 +100,18 @@ class HFBackend:
         lp = torch.empty(n, k, dtype=torch.float32, device=self.device)
         tail = torch.empty(n, dtype=torch.float32, device=self.device)
         tgt = torch.empty(n, dtype=torch.float32, device=self.device)
-        for s in range(0, n, c):
+        s = 0
+        while s < n:
             e = min(n, s + c)
-            logits = self.head(hidden[s:e])                                          # (c, V)
-            ids[s:e], lp[s:e], tail[s:e], tgt[s:e] = topk_from_logits(logits, targets[s:e], k, chunk_size=c,
-                                                                      overwrite=True)
+            try:
+                logits = self.head(hidden[s:e])                                      # (c, V)
+                ids[s:e], lp[s:e], tail[s:e], tgt[s:e] = topk_from_logits(logits, targets[s:e], k, chunk_size=c,
+                                                                          overwrite=True)
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                logits = None
+                c = self._smaller_chunk(exc, c)
+                continue
+            s = e
         if not bool(torch.isfinite(lp[:, 0]).all()):
             raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
                             f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
@@ -141,6 +148,20 @@ class HFBackend:
             ids[s:e], counts[s:e] = draw_samples_at(logits, uniforms[s:e])
         return Samples(ids.reshape(B, T, S).cpu().numpy(), counts.reshape(B, T, S).cpu().numpy(),
                        tgt.reshape(B, T).cpu().numpy())
+
+    def _smaller_chunk(self, exc: BaseException, chunk: int) -> int:
+        """After an out-of-memory error in the LM head, halve the chunk (kept for later batches) and
+        retry, down to one position; anything else, or no memory even for one position, is raised."""
+        if not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in str(exc).lower():
+            raise exc
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if chunk <= 1:
+            raise UserError(f"--teacher {self.teacher['name_or_path']}: out of memory in the LM head even for one "
+                            f"position on {self.device}; free memory, use a smaller --batch-size or another "
+                            "--device") from None
+        self.chunk_size = max(1, chunk // 2)
+        return self.chunk_size
 
     @torch.inference_mode()
     def _self_check(self, name_or_path: str) -> None:
