@@ -50,16 +50,19 @@ def from_planes(planes: list[np.ndarray], nbytes: int, wide: bool = False) -> np
     several times slower when it also converts the dtype)."""
     dtype = uint_dtype(nbytes)
     if wide and dtype.itemsize < 4:
-        out = planes[-1].astype(np.uint32)
-        for plane in planes[-2::-1]:
-            out <<= 8
+        if nbytes == 1:
+            return planes[0].astype(np.uint32)
+        # widen and shift in one pass (the ufunc casts its input chunk by chunk), then OR the rest in
+        out = np.left_shift(planes[-1], 8, dtype=np.uint32)
+        for i, plane in enumerate(planes[-2::-1]):
+            if i:
+                out <<= 8
             out |= plane
         return out
     if nbytes == 1:
         return planes[0]
     if nbytes == 2:
-        out = planes[1].astype("<u2")
-        out <<= 8
+        out = np.left_shift(planes[1], 8, dtype="<u2")
         out |= planes[0]
         return out
     n = len(planes[0])

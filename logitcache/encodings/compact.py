@@ -166,7 +166,8 @@ class _SetCodec:
             rank[r, pad[r]] = free
 
     def dense_from_sets(self, ranks: np.ndarray, codes: np.ndarray, sizes: np.ndarray | None, n: int,
-                        log_topk: np.ndarray, inverted: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                        log_topk: np.ndarray, inverted: bool = False,
+                        out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Flat per-position sets -> ([N, n] int64 ids, [N, n] float32 log-probs), descending by value.
 
         `ranks` (checked by the caller to lie below V) and `codes` (or, with `inverted`, max_code - code
@@ -174,7 +175,8 @@ class _SetCodec:
         length (None: all n). Values are rescaled so that each row's probabilities sum to
         exp(log_topk). Slots past a set's size are padding: log-prob -inf and distinct ids outside
         the set, the rarest of the rank order (see :meth:`_fill_padding`).
-        Ties keep rank order (the more frequent token first).
+        Ties keep rank order (the more frequent token first). A negative code (corrupt data) is a
+        ValueError. `out` ([N, n] int64, [N, n] float32) receives the result without a copy.
         """
         rows = len(log_topk)
         # inverted code max_code - c in the high bits: an ascending sort puts large values first
@@ -188,17 +190,31 @@ class _SetCodec:
             dense = np.full((rows, n), pad_key, dtype=self._key_dtype)
             dense[np.arange(n)[None, :] < sizes[:, None]] = key
         dense.sort(axis=1)
+        # a negative inverted code makes a negative key, which sorts first: one column to check
+        if n and rows and dense[:, 0].min() < 0:
+            raise ValueError(f"{self.name}: value code out of range")
         # intp outputs straight from the key: np.take would otherwise convert its indices each call
         inv = np.right_shift(dense, self.rank_bits, dtype=np.intp)
         rank = np.bitwise_and(dense, (1 << self.rank_bits) - 1, dtype=np.intp)
+        del dense
         if sizes is not None:
             self._fill_padding(rank, inv > self.max_code, sizes)
-        ids = self.ranks.ids(rank)
+        if out is None:
+            ids = self.ranks.ids(rank)
+            logprobs = np.take(self._logp_of_inv, inv)
+        else:
+            ids, logprobs = out
+            # mode="clip": with mode="raise" (the default) numpy buffers `out`, a copy we came to avoid;
+            # the indices are in range already (ranks checked against V, codes by the sort key)
+            if self.ranks.id_of is None:
+                ids[...] = rank
+            else:
+                np.take(self.ranks.id_of, rank, out=ids, mode="clip")
+            np.take(self._logp_of_inv, inv, out=logprobs, mode="clip")
         # float32 pairwise sums of <= k terms: relative error ~1e-7, well inside the 1e-6 budget
         mass = np.take(self._p_of_inv, inv).sum(axis=1).astype(np.float64)
-        with np.errstate(divide="ignore"):
-            shift = np.where(mass > 0, log_topk - np.log(np.where(mass > 0, mass, 1.0)), 0.0)
-        logprobs = np.take(self._logp_of_inv, inv)
+        some = mass > 0
+        shift = np.where(some, log_topk - np.log(np.where(some, mass, 1.0)), 0.0)
         logprobs += shift.astype(np.float32)[:, None]
         if n:                                # rounding must not give p > 1; only the first can
             np.minimum(logprobs[:, 0], 0.0, out=logprobs[:, 0])
@@ -265,10 +281,8 @@ class CompactEncoding(_SetCodec):
             self.check_ranks(ranks.reshape(e - a, k)[:, -1] if self.gap_bytes <= 2 else ranks)
             # inverted codes max_code - (low + delta), the sort key's high part; negative = corrupt
             inv = np.subtract(top_low[a:e], delta[a:e], dtype=self._key_dtype)
-            if inv.size and inv.min() < 0:
-                raise ValueError(f"{self.name}: value code out of range")
-            ids[a:e], logprobs[a:e] = self.dense_from_sets(ranks, inv.reshape(-1), None, k, log_topk[a:e],
-                                                           inverted=True)
+            self.dense_from_sets(ranks, inv.reshape(-1), None, k, log_topk[a:e], inverted=True,
+                                 out=(ids[a:e], logprobs[a:e]))
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
                 log_tail.astype(np.float32).reshape(b, seq_len))
 
