@@ -148,3 +148,6 @@ def test_distill_refuses_mismatched_loss_and_cache(tmp_path, tiny_teachers, samp
     assert run_trainer(*base, "--cache", topk, "--loss", "sampled") == 2
     err = capsys.readouterr().err.strip()
     assert "is a top-k cache" in err and len(err.splitlines()) == 1
+    assert run_trainer(*base, "--cache", topk, "--eval-cache", sampled_cache) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no top-k to measure KL on" in err and len(err.splitlines()) == 1
