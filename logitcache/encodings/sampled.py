@@ -199,19 +199,26 @@ class SampledEncoding:
         if self.vocab_size is not None and ranks.size and ranks.max() >= self.vocab_size:
             raise ValueError("sampled: decoded id outside the vocabulary")
         ids_flat = self.ranks.ids(ranks)
+        m = len(ranks)
         ends = np.cumsum(size)
-        last = np.zeros(len(ranks), dtype=bool)
-        last[ends - 1] = True
-        counts_flat = np.empty(len(ranks), dtype=np.int64)
-        counts_flat[~last] = cnt.astype(np.int64) + 1
-        row_of = np.repeat(np.arange(n), size)
-        partial = np.bincount(row_of[~last], weights=counts_flat[~last], minlength=n).astype(np.int64)
-        counts_flat[last] = self.S - partial
-        if (counts_flat[last] < 1).any():
+        starts = ends - size
+        stored = np.ones(m, dtype=bool)              # every count but each position's last is stored
+        stored[ends - 1] = False
+        counts_flat = np.zeros(m, dtype=np.int64)
+        counts_flat[stored] = cnt
+        counts_flat[stored] += 1
+        # the last count is S minus the position's others: their sums from one running sum
+        cs = np.cumsum(counts_flat)
+        partial = cs[ends - 1] - np.where(starts > 0, cs[np.maximum(starts - 1, 0)], 0)
+        last = self.S - partial
+        if m and last.min() < 1:
             raise ValueError("sampled: stored counts exceed S")
-        slots = np.arange(self.S)[None, :] < size[:, None]
-        ids = np.zeros((n, self.S), dtype=np.int64)
-        counts = np.zeros((n, self.S), dtype=np.int32)
-        ids[slots] = ids_flat
-        counts[slots] = counts_flat
+        counts_flat[ends - 1] = last
+        # element j of position r goes to slot r * S + (j - start_r): one repeat, then a scatter
+        dest = np.repeat(np.arange(n, dtype=np.int64) * self.S - starts, size)
+        dest += np.arange(m, dtype=np.int64)
+        ids = np.zeros(n * self.S, dtype=np.int64)
+        counts = np.zeros(n * self.S, dtype=np.int32)
+        ids[dest] = ids_flat
+        counts[dest] = counts_flat
         return ids.reshape(b, seq_len, self.S), counts.reshape(b, seq_len, self.S)
