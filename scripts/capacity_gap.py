@@ -356,6 +356,10 @@ def report(rows: list[dict], fit: dict, cfg: dict, config_path: Path, command: s
                      f"({int(gap['ci_level'] * 100)}% bootstrap interval {lo:.2f}-{hi:.2f}, {gap['n_boot']} "
                      f"resamples of runs); free line: T* = {gap['slope']:.2f} S {gap['intercept']:+.0f}; "
                      f"power law exponent {gap['exponent']:.2f}. MiniMA reports ~{gap['minima_slope']:.1f}x.")
+        if u_shapes == 0:
+            lines.append("  **No optimum is bracketed**: every student's best teacher is the largest rung, so the "
+                         "optima above are the ladder's end, not a measured optimum, and r is only a lower bound "
+                         "(the ratio the ladder's largest teacher has to the largest student).")
     law = fit["distillation_law"]
     p = law["params"]
     lines.append(f"- Busbridge et al. distillation law (free: {', '.join(law['free'])}; the rest fixed at the "
@@ -372,6 +376,18 @@ def report(rows: list[dict], fit: dict, cfg: dict, config_path: Path, command: s
               f"{u_shapes} of {len(students)} students have their best teacher strictly inside the ladder "
               "(a bigger teacher does worse than a mid-sized one). Differences under ~0.02 nats are within "
               "the noise of one seed at this scale.", ""]
+    top = sorted(teachers, key=lambda t: t[0])[-2:]
+    if len(top) == 2 and top[1][2] > top[0][2] - 0.01:
+        lines.append(f"The ladder's top is saturated: {top[1][1]} reaches held-out CE {top[1][2]:.3f} against "
+                     f"{top[0][2]:.3f} for {top[0][1]}, so at this token budget the larger teachers are "
+                     "data-limited and a larger rung is not a stronger teacher.")
+    beaten = sum(r["student_loss"] < r["teacher_loss"] for r in rows)
+    if beaten:
+        lines.append(f"In {beaten} of {len(rows)} runs the student ends below its teacher's loss: possible only "
+                     f"because distillation is mixed with CE on the true tokens (alpha_ce = "
+                     f"{cfg['student_training']['alpha_ce']}), which the Busbridge law (pure distillation, "
+                     "L_S >= L_T) does not model; read its fit with that in mind.")
+    lines.append("")
     return "\n".join(lines)
 
 
