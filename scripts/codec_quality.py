@@ -77,14 +77,24 @@ def choose_S(teacher: Path, work: Path, seq_len: int, target: float, windows: in
     from logitcache.encodings import get_encoding
     from logitcache.encodings.sampled import window_uniforms
 
+    import torch
+
+    from logitcache.encodings.sampled import draw_samples_at
+
     backend = HFBackend(str(teacher), k=1, dtype="float32")
     tok = prepare_windows("shakespeare:train", _tokenizer(teacher), seq_len, work, max_windows=windows).tokens
+    with torch.inference_mode():         # the logits once; each S draws from them as the producer does
+        hidden = backend.hidden_states(torch.as_tensor(tok[:, :-1], dtype=torch.long)).reshape(-1, backend.head.in_features)
+        logits = [backend.head(hidden[a:a + 512]).float() for a in range(0, len(hidden), 512)]
     sizes = {}
     for S in S_CANDIDATES:
         enc = get_encoding("sampled", {"S": S})
         enc = get_encoding("sampled", enc.fit(tok, backend.describe()["vocab_size"]))
-        got = backend.sample(tok, S, window_uniforms("choose-S", range(len(tok)), seq_len, S))
-        cols = enc.encode(got.sample_ids, got.sample_counts)
+        u = window_uniforms("choose-S", range(len(tok)), seq_len, S)
+        draws = [draw_samples_at(chunk, u[512 * i:512 * i + len(chunk)]) for i, chunk in enumerate(logits)]
+        ids = torch.cat([d[0] for d in draws]).reshape(len(tok), seq_len, S).numpy()
+        counts = torch.cat([d[1] for d in draws]).reshape(len(tok), seq_len, S).numpy()
+        cols = enc.encode(ids, counts)
         table = pa.table(cols, schema=pa.schema(enc.arrow_fields(S, seq_len)))
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=64, compression="zstd", compression_level=enc.parquet_level,
