@@ -122,8 +122,8 @@ class HFBackend:
     def sample(self, windows: np.ndarray, S: int, uniforms: torch.Tensor) -> Samples:
         """S draws per position from the float32 softmax of each LM-head chunk (temperature 1).
 
-        `uniforms` [B * T, S] (logitcache.encodings.sampled.window_uniforms) fix the draws, so they
-        do not depend on the batch size, the chunk size or the device. The top-k path (`run`) is
+        `uniforms` [B * T, S] (logitcache.encodings.sampled.window_uniforms) fix the draws up to the
+        logits' float32 rounding, which can change with the batch or chunk size and the device. The top-k path (`run`) is
         untouched: sampling costs nothing when it is off.
         """
         from logitcache.encodings.sampled import draw_samples_at

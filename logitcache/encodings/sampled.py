@@ -85,7 +85,7 @@ def draw_samples_at(logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch
     probability exceeds `u_ij * total`; the cumulative sum is taken in float64, so each token is
     drawn with its float32 probability up to ~1e-16, and a token of probability 0 never is. Since
     the uniforms are given, the draws do not depend on how positions were grouped into chunks or
-    on the device. Returns what :func:`draw_samples` returns (torch, on the logits' device).
+    on the device for the same logits. Returns what :func:`draw_samples` returns (torch, on the logits' device).
     """
     import torch
 
@@ -103,7 +103,8 @@ def window_uniforms(key: str, window_ids, seq_len: int, S: int) -> torch.Tensor:
     """Uniforms [len(window_ids) * seq_len, S] (float64, CPU) for the producer's draws.
 
     Each window's block comes from its own generator, seeded with sha256(cache key, window id), so
-    a shard's samples are the same whichever run, worker, batch size or device makes them.
+    the uniforms are the same whichever run, worker, batch size or device makes a shard (the draws
+    also, up to the logits' float32 rounding, which can differ with the matmul shapes).
     """
     import torch
 
