@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -227,7 +228,7 @@ def main() -> None:
     # 2. the student: the teacher pruned once
     from safetensors import safe_open
     with safe_open(str(teacher / "model.safetensors"), "pt") as f:
-        teacher_params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+        teacher_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     student_init = work / "student-init"
     if not (student_init / "config.json").exists():
         run(tool("trainer") + ["prune", "--model", teacher, "--out", student_init,
@@ -295,13 +296,6 @@ def main() -> None:
                "bytes_per_token": {r["name"]: round(r["bytes_per_token"], 2) for r in rows if r["bytes_per_token"]},
                "minutes": round(total / 60, 1)}
     print(json.dumps(summary))
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 if __name__ == "__main__":

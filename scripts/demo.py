@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def main() -> None:
     # 3. prune the teacher to ~40% of its parameters (activation importance, as Minitron).
     from safetensors import safe_open
     with safe_open(str(teacher / "model.safetensors"), "pt") as f:
-        teacher_params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
+        teacher_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     student_init = work / "student-init"
     if not (student_init / "config.json").exists():
         run(tool("trainer") + ["prune", "--model", str(teacher), "--out", str(student_init),
@@ -109,13 +110,6 @@ def main() -> None:
           f"({'distillation wins' if kd_gain > 0 else 'CE only wins'})")
     print(f"artifacts: teacher {teacher}\n           cache {cache}\n           students {ce_out}, {kd_out}")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 if __name__ == "__main__":

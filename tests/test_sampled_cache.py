@@ -15,18 +15,10 @@ from logitcache.cli import main
 from logitcache.encodings.sampled import draw_samples_at, window_uniforms
 from logitcache.reader import CacheReader
 from test_loop import metrics, produce_cache, run_trainer
-from test_produce import cache_bytes, produce, refused
+from test_produce import cache_bytes, one_thread, produce, refused  # noqa: F401  (fixture)
 
 S = 16
 SMALL = ["--seq-len", "16", "--rows-per-shard", "4", "--dtype", "float32", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def sampled_args(teacher, data, root, *extra):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from logitcache import format as fmt
 from logitcache.commands.repair import repair_cache
 from logitcache.errors import UserError
 from logitcache.reader import CacheReader, inspect_cache, verify_cache
+from test_reader import never_read  # noqa: F401  (fixture: a FIFO outside the cache)
 from test_writer import make_header, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,29 +92,13 @@ def test_the_scan_finds_what_it_looks_for(tmp_path):
 # -- hostile manifests ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bait(tmp_path):
-    """A FIFO outside the cache; opening it for reading would block, so the alarm would fire."""
-    fifo = tmp_path / "outside.fifo"
-    os.mkfifo(fifo)
-
-    def boom(*_):
-        raise AssertionError("a file outside the cache was opened")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(30)
-    yield fifo
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
 HOSTILE_NAMES = ["../outside.fifo", "{bait}", "shard-00000.parquet/../../outside.fifo", "sub/shard-00000.parquet",
                  "shard-00000.parquet\u0000../outside.fifo", "shard-00000.parquet\\..\\outside.fifo",
                  "..", "", "shard-00000.parquet/"]
 
 
 def _every_entry_point(cache: Path) -> None:
-    """Reader, verify, inspect, repair: each refuses in one line or reports a problem, never opens bait."""
+    """Reader, verify, inspect, repair: each refuses in one line or reports a problem, never opens the bait."""
     with pytest.raises(UserError) as exc:
         CacheReader(cache)
     assert "\n" not in str(exc.value)
@@ -131,34 +115,34 @@ def _every_entry_point(cache: Path) -> None:
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
-def test_hostile_shard_names_never_open_anything_outside(tmp_path, bait, name):
+def test_hostile_shard_names_never_open_anything_outside(tmp_path, never_read, name):
     cache = tmp_path / "c"
     write_cache(cache, make_header(num_windows=20, rows_per_shard=8))
     m = json.loads((cache / fmt.MANIFEST_NAME).read_text())
-    m["shards"][0]["name"] = name.format(bait=bait)
+    m["shards"][0]["name"] = name.format(bait=never_read)
     fmt.write_manifest(cache, m)             # sealed: the name itself is what must be refused
     _every_entry_point(cache)
-    assert bait.exists() and os.path.realpath(bait) == str(bait)
+    assert never_read.exists() and os.path.realpath(never_read) == str(never_read)
 
 
-def test_shard_symlinked_outside_is_never_followed(tmp_path, bait):
+def test_shard_symlinked_outside_is_never_followed(tmp_path, never_read):
     cache = tmp_path / "c"
     write_cache(cache, make_header(num_windows=20, rows_per_shard=8))
     shard = cache / fmt.shard_name(1)
     shard.unlink()
-    shard.symlink_to(bait)
+    shard.symlink_to(never_read)
     _every_entry_point(cache)
     # repair moved the link itself into quarantine; the bait is untouched
     assert not os.path.lexists(shard)
     moved = cache / ".quarantine" / f"{fmt.shard_name(1)}.0"
-    assert moved.is_symlink() and os.readlink(moved) == str(bait)
+    assert moved.is_symlink() and os.readlink(moved) == str(never_read)
 
 
-def test_manifest_symlinked_outside_is_never_followed(tmp_path, bait):
+def test_manifest_symlinked_outside_is_never_followed(tmp_path, never_read):
     cache = tmp_path / "c"
     write_cache(cache, make_header(num_windows=20, rows_per_shard=8))
     (cache / fmt.MANIFEST_NAME).unlink()
-    (cache / fmt.MANIFEST_NAME).symlink_to(bait)
+    (cache / fmt.MANIFEST_NAME).symlink_to(never_read)
     with pytest.raises(UserError, match="symbolic link"):
         CacheReader(cache)
     assert verify_cache(cache)[0][0] == fmt.MANIFEST_NAME
