@@ -239,7 +239,10 @@ def chaos_trainer(work: Path, command: str, args: list[str], kills: int, rng: ra
             by_kind[kind] += 1
         else:
             finished = proc.returncode == 0
-            if finished:
+            if finished and survived < kills:    # done before the trigger fired: a new round from scratch,
+                shutil.rmtree(out)               # as the producer's rounds do
+                finished = False
+            elif finished:
                 break
     if not finished:
         done = subprocess.run([*cli, "--out", str(out), "--resume"], env=env(), cwd=REPO, capture_output=True,
