@@ -112,8 +112,8 @@ def put_stream(out: dict, name: str, values: np.ndarray, row_counts: np.ndarray,
         out[f"{name}_b{i}"] = binary_column(plane, row_counts)
 
 
-def get_stream(columns: dict, name: str, nbytes: int, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read back a stream written by :func:`put_stream`: (flat values, elements per window)."""
+def get_planes(columns: dict, name: str, nbytes: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The byte planes of a stream written by :func:`put_stream`, unjoined: (planes, elements per window)."""
     planes, counts = [], None
     for i in range(nbytes):
         data, lengths = binary_values(columns[f"{name}_b{i}"])
@@ -122,6 +122,12 @@ def get_stream(columns: dict, name: str, nbytes: int, wide: bool = False) -> tup
         elif not np.array_equal(counts, lengths):
             raise ValueError(f"stream '{name}': byte planes disagree in length")
         planes.append(data)
+    return planes, counts
+
+
+def get_stream(columns: dict, name: str, nbytes: int, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read back a stream written by :func:`put_stream`: (flat values, elements per window)."""
+    planes, counts = get_planes(columns, name, nbytes)
     return from_planes(planes, nbytes, wide), counts
 
 

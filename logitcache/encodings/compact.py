@@ -18,9 +18,9 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings import register
+from logitcache.encodings import kernels, register
 from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, frame_fields,
-                                        gaps_from_sorted, get_frames, get_stream, nbytes_for, pack_rank_order,
+                                        gaps_from_sorted, get_frames, get_planes, get_stream, nbytes_for, pack_rank_order,
                                         put_frames, put_stream, sorted_from_gaps, stream_fields)
 from logitcache.errors import UserError
 
@@ -72,9 +72,14 @@ class _SetCodec:
         p[1] = self.step ** 2 / 12.0    # mean of p when sqrt(p) is uniform on [0, step/2)
         # decoding indexes by the inverted code max_code - c (sort key), plus one pad slot (p = 0)
         p_inv = np.concatenate([p[::-1], [0.0]])
-        self._p_of_inv = p_inv.astype(np.float32)
         with np.errstate(divide="ignore"):
             self._logp_of_inv = np.log(p_inv).astype(np.float32)
+        # p in integer units of step^2 / 12 (12 (c-1)^2, 1 for code 1, 0 for code 0 and the pad):
+        # a row's mass is then an exact integer sum, the same whatever order it is added in
+        units = 12 * (np.arange(self.max_code + 1, dtype=np.int64) - 1) ** 2
+        units[0], units[1] = 0, 1
+        self._units_of_inv = np.concatenate([units[::-1], [0]]).astype(np.int64)
+        self._unit_p = self.step ** 2 / 12.0
         key_bits = self.rank_bits + (self.max_code + 1).bit_length()
         self._key_dtype = np.int32 if key_bits <= 31 else np.int64
 
@@ -211,8 +216,7 @@ class _SetCodec:
             else:
                 np.take(self.ranks.id_of, rank, out=ids, mode="clip")
             np.take(self._logp_of_inv, inv, out=logprobs, mode="clip")
-        # float32 pairwise sums of <= k terms: relative error ~1e-7, well inside the 1e-6 budget
-        mass = np.take(self._p_of_inv, inv).sum(axis=1).astype(np.float64)
+        mass = np.take(self._units_of_inv, inv).sum(axis=1) * self._unit_p
         some = mass > 0
         shift = np.where(some, log_topk - np.log(np.where(some, mass, 1.0)), 0.0)
         logprobs += shift.astype(np.float32)[:, None]
@@ -254,21 +258,43 @@ class CompactEncoding(_SetCodec):
         put_stream(out, "cz_tail", tail_code, per_pos, 2)
         return out
 
-    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        gaps, g_rows = get_stream(columns, "cz_gap", self.gap_bytes, wide=True)
+    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int,
+               compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Columns of b windows -> ids [b, T, k], log-probs [b, T, k] (descending), log tail [b, T].
+
+        `compiled` picks the numba loops (True) or the numpy reference (False); None: the loops
+        when numba is there (see kernels.py)."""
+        if compiled is None:
+            compiled = kernels.enabled()
+        if compiled:
+            gaps, g_rows = get_planes(columns, "cz_gap", self.gap_bytes)
+        else:
+            gaps, g_rows = get_stream(columns, "cz_gap", self.gap_bytes, wide=True)
         low, m_rows = get_stream(columns, "cz_min", self.code_bytes)
         tail_code, t_rows = get_stream(columns, "cz_tail", 2)
         b = len(t_rows)
         if not (np.all(g_rows == seq_len * k) and np.all(m_rows == seq_len) and np.all(t_rows == seq_len)):
             raise ValueError(f"{self.name}: stream lengths do not match seq_len={seq_len}, k={k}")
         n = b * seq_len
-        delta = get_frames(columns, "cz_val", self.code_bytes, g_rows).reshape(n, k)
+        delta = get_frames(columns, "cz_val", self.code_bytes, g_rows)
         if low.size and low.max() > self.max_code:
             raise ValueError(f"{self.name}: value code out of range")
         log_topk, log_tail = self.split_mass(tail_code)
         ids = np.empty((n, k), dtype=np.int64)
         logprobs = np.empty((n, k), dtype=np.float32)
+        if compiled:
+            err = kernels.decode_rows(gaps, delta, low, log_topk, k, self.max_code, self.rank_bits,
+                                      self.vocab_size or 2**31 - 1, self._key_dtype, self.ranks.id_of,
+                                      self._logp_of_inv, self._units_of_inv, self._unit_p, ids.reshape(-1),
+                                      logprobs.reshape(-1),
+                                      max(1, DECODE_CHUNK // max(k, 1)))
+            if err == kernels.BAD_RANK:
+                raise ValueError(f"{self.name}: decoded token id outside the vocabulary")
+            if err == kernels.BAD_CODE:
+                raise ValueError(f"{self.name}: value code out of range")
+            return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
+                    log_tail.astype(np.float32).reshape(b, seq_len))
+        delta = delta.reshape(n, k)
         gaps = gaps.reshape(n, k)
         top_low = (self.max_code - low.astype(np.int32))[:, None]
         # Row chunks bound the temporaries (a few MB each, whatever seq_len and the row group size);
