@@ -128,6 +128,18 @@ def _save_teacher(folder: Path, tokenizer_dir: Path) -> Path:
     return folder
 
 
+def _compile_numba_code() -> None:
+    """Decode one compact window, which loads llvmlite and compiles the decoder's numba loops."""
+    from logitcache.encodings import get_encoding, kernels
+
+    enc = get_encoding("compact", {"vocab_size": 64})
+    ids = np.tile(np.arange(4), (1, 2, 1))
+    lp = np.log(np.full((1, 2, 4), 0.2, dtype=np.float32))
+    tail = np.log(np.full((1, 2), 0.2, dtype=np.float32))
+    assert np.array_equal(np.sort(enc.decode(enc.encode(ids, lp, tail), 4, 2)[0], -1), ids)
+    assert kernels.enabled() == ("llvmlite.binding.ffi" in sys.modules)
+
+
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, tiny_tokenizer_dir, corpus_dir):
     """{'hf': cache folder, 'vllm': cache folder, 'teacher': checkpoint}: one teacher, same windows."""
@@ -137,6 +149,7 @@ def caches(tmp_path_factory, tiny_tokenizer_dir, corpus_dir):
 
     root = tmp_path_factory.mktemp("vllm_parity")
     teacher = _save_teacher(root / "teacher", tiny_tokenizer_dir)
+    _compile_numba_code()      # vLLM must also start in a process that has decoded a compact shard
     out = {}
     # hf first: the vLLM CPU worker pins this process's threads once it starts
     for backend in ("hf", "vllm"):

@@ -29,6 +29,7 @@ import gc
 import importlib.util
 import inspect
 import os
+import sys
 
 import numpy as np
 
@@ -114,6 +115,22 @@ def flat_to_topk(prompt_logprobs: list, windows: np.ndarray, k: int, vocab_size:
     return TopK(ids=np.ascontiguousarray(ids[:, :, 1:]), logprobs=topk_lp,
                 tail_logmass=tail_from_topk(topk_lp, vocab_size),
                 target_logprob=np.ascontiguousarray(lps[:, :, 0]))
+
+
+def hide_llvmlite_from_module_scans() -> None:
+    """Let vLLM start in a process that has compiled numba code (e.g. after decoding a compact shard).
+
+    vLLM's Triton-kernel override (`vllm/triton_utils/dispatcher.py`, 0.32) walks every module's values
+    and reads `vars(value).get("kernel")`. llvmlite's lazily wrapped C library
+    (`llvmlite.binding.ffi.lib`) answers any attribute, `__dict__` included, with a function wrapper,
+    so that scan fails with "'_lib_fn_wrapper' object has no attribute 'get'". An empty `__dict__` in
+    the wrapper's function table makes it read as an object without a kernel; llvmlite only looks up
+    its `LLVMPY_*` functions there.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
+        table["__dict__"] = {}
 
 
 def check_window_fits(window_len: int, limit: int, teacher_name: str) -> None:
@@ -205,6 +222,7 @@ class VLLMBackend:
         user_long = os.environ.get(LONG_MAX_MODEL_LEN)
         if past_context and user_long is None:
             os.environ[LONG_MAX_MODEL_LEN] = "1"
+        hide_llvmlite_from_module_scans()
         try:
             self.llm = LLM(model=str(folder), **engine_kwargs)
         except Exception as exc:
