@@ -6,6 +6,11 @@ shift, so equality is exact, not within a tolerance.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -121,3 +126,34 @@ def test_environment_switch_selects_the_numpy_path(monkeypatch):
         monkeypatch.delenv("LOGITCACHE_NUMBA")
         kernels._loops.cache_clear()
     assert kernels.enabled()
+
+
+def test_dataset_compiles_the_loops_before_workers_fork(tmp_path):
+    """`CacheReader.dataset` compiles the loops for the cache's array types in the calling process,
+    so forked DataLoader workers inherit them: reading real shards afterwards compiles nothing new."""
+    from test_writer import VOCAB, make_header, write_cache
+
+    from logitcache import format as fmt
+
+    header = make_header(encoding="compact", num_windows=20, rows_per_shard=8)
+    header["encoding"]["params"] = {"vocab_size": VOCAB}
+    header["key"] = fmt.cache_key(header["teacher"], header["tokenizer"], header["data"], header["k"],
+                                  header["encoding"])
+    write_cache(tmp_path / "cache", header)
+    script = textwrap.dedent(f"""
+        import json
+        from logitcache.encodings import kernels
+        from logitcache.reader import CacheReader
+        reader = CacheReader({str(tmp_path / "cache")!r})
+        loops = kernels._loops()
+        compiled = lambda: [len(f.signatures) for f in loops]
+        before = compiled()
+        reader.dataset(4)
+        warmed = compiled()
+        rows = sum(len(b["topk_ids"]) for b in reader.iter_batches(4))
+        print(json.dumps({{"before": before, "warmed": warmed, "after": compiled(), "rows": rows}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"before": [0, 0], "warmed": [1, 1], "after": [1, 1], "rows": 20}, got

@@ -258,6 +258,14 @@ class CompactEncoding(_SetCodec):
         put_stream(out, "cz_tail", tail_code, per_pos, 2)
         return out
 
+    def warm_up(self) -> None:
+        """Compile the decode loops for this encoding's array types now, on one synthetic position
+        (cheap once compiled): processes forked afterwards, such as DataLoader workers, inherit them."""
+        if kernels.enabled():
+            lp = np.log(np.full((1, 1, 1), 0.8, dtype=np.float32))
+            cols = self.encode(np.zeros((1, 1, 1), dtype=np.int64), lp, np.log(np.full((1, 1), 0.2, np.float32)))
+            self.decode(cols, 1, 1)
+
     def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int,
                compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Columns of b windows -> ids [b, T, k], log-probs [b, T, k] (descending), log tail [b, T].
