@@ -157,8 +157,11 @@ def test_interrupted_and_killed_runs_resume_to_the_same_bytes(capsys, tmp_path, 
         if cache.exists():
             shutil.copytree(cache, saved)
         for _ in range(5):
+            # SIGINT back to its default in the child: a test run started in the background by a
+            # non-interactive shell ignores SIGINT, the child would inherit that and never see Ctrl-C
             proc = subprocess.Popen(cli_command(*common, "--out", str(root)), env=cli_env(), cwd=REPO,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             deadline = time.time() + 300
             while time.time() < deadline and proc.poll() is None:
                 try:
