@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 
 from logitcache.encodings import get_encoding, kernels
+from logitcache.encodings.bytes import put_frames
 from test_encodings import make_fitted, realistic_logits, topk_of
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="compiled loops off (numba missing or LOGITCACHE_NUMBA=0)")
@@ -33,6 +34,18 @@ def assert_paths_agree(enc, cols, k, seq_len):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert np.array_equal(a, b), np.nanmax(np.abs(a.astype(np.float64) - b))
     return fast
+
+
+def with_column(cols: dict, name: str, byte: bytes) -> dict:
+    """`cols` with every byte of one window's column `name` set to `byte` (ids far past V)."""
+    return {**cols, name: pa.array([byte * len(cols[name][0].as_py())], pa.binary())}
+
+
+def with_large_codes(cols: dict, name: str, count: int) -> dict:
+    """`cols` with a well-formed value frame whose every code delta is 254 (past max_code)."""
+    out = dict(cols)
+    put_frames(out, name, np.full(count, 254, dtype=np.uint8), np.array([count]), 1)
+    return out
 
 
 def sparse_rows(n: int, k: int, vocab: int, seed: int):
@@ -103,12 +116,49 @@ def test_corrupt_streams_raise_the_same_error_in_both_paths():
     ids, lp, tail = topk_of(realistic_logits(seq_len, vocab, seed=8), k)
     enc = get_encoding("compact", {"vocab_size": vocab})
     cols = encode(enc, ids, lp, tail, seq_len)
-    for column, byte in [("cz_gap_b1", b"\xff"), ("cz_val", b"\xfe")]:     # ids past V; codes past max
-        bad = {**cols, column: pa.array([byte * len(cols[column][0].as_py())], pa.binary())}
+    for bad in (with_column(cols, "cz_gap_b1", b"\xff"), with_large_codes(cols, "cz_val", seq_len * k)):
         messages = []
         for compiled in (True, False):
             with pytest.raises(ValueError) as err:
                 enc.decode(bad, k, seq_len, compiled=compiled)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1], messages
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 1.0])
+def test_adaptive_rows_decode_identically(p):
+    """Variable-length sets padded to k with the rarest free ranks, also where kept tokens sit among
+    those ranks (the padding must step over them), and at V = 200,003 (3-byte gaps)."""
+    vocab, k, seq_len = 8192, 64, 32
+    ids, lp, tail = topk_of(realistic_logits(2 * seq_len, vocab, seed=11), k)
+    ids[::3, -4:] = np.arange(vocab - 4, vocab)          # the least likely kept ids are the rarest ranks
+    for enc in (make_fitted("adaptive", vocab, p=p), get_encoding("adaptive", {"p": p, "vocab_size": vocab})):
+        out = assert_paths_agree(enc, encode(enc, ids, lp, tail, seq_len), k, seq_len)
+        if p < 1.0:
+            assert np.isneginf(out[1]).any()                 # some rows were padded
+    vocab, k = 200_003, 16
+    ids, lp, tail = sparse_rows(2 * seq_len, k, vocab, seed=12)
+    enc = get_encoding("adaptive", {"p": p, "vocab_size": vocab})
+    assert enc.gap_bytes == 3
+    assert_paths_agree(enc, encode(enc, ids, lp, tail, seq_len), k, seq_len)
+
+
+def test_adaptive_padding_next_to_kept_rare_tokens_and_corruption():
+    vocab, k, seq_len = 50, 8, 4
+    ids = np.array([[49, 48, 47, 1, 2, 3, 4, 5]] * seq_len)
+    ids[1] = [49, 47, 45, 1, 2, 3, 4, 5]                     # holes between the kept rare ranks
+    lp = np.log(np.array([[0.5, 0.3, 0.1, 0.01, 0.01, 0.01, 0.01, 0.01]] * seq_len, dtype=np.float32))
+    tail = np.log(np.full(seq_len, 0.05, dtype=np.float32))
+    enc = get_encoding("adaptive", {"p": 0.85, "vocab_size": vocab})
+    cols = encode(enc, ids, lp, tail, seq_len)
+    out = assert_paths_agree(enc, cols, k, seq_len)
+    assert out[0][0, 1, 3:].tolist() == [48, 46, 44, 43, 42]
+    kept = len(cols["ad_gap_b0"][0].as_py())
+    for bad in (with_column(cols, "ad_gap_b0", b"\xff"), with_large_codes(cols, "ad_val", kept)):
+        messages = []
+        for compiled in (True, False):
+            with pytest.raises(ValueError) as err:
+                get_encoding("adaptive", {"p": 0.85, "vocab_size": vocab}).decode(bad, k, seq_len, compiled=compiled)
             messages.append(str(err.value))
         assert messages[0] == messages[1], messages
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings import register
-from logitcache.encodings.bytes import (frame_fields, gaps_from_sorted, get_frames, get_stream, nbytes_for,
-                                        put_frames, put_stream, sorted_from_gaps, stream_fields)
-from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
+from logitcache.encodings import kernels, register
+from logitcache.encodings.bytes import (frame_fields, gaps_from_sorted, get_frames, get_planes, get_stream,
+                                        nbytes_for, put_frames, put_stream, sorted_from_gaps, stream_fields)
+from logitcache.encodings.compact import DECODE_CHUNK, _logsumexp_rows, _SetCodec
 from logitcache.errors import UserError
 
 
@@ -94,10 +94,17 @@ class AdaptiveEncoding(_SetCodec):
         put_stream(out, "ad_tail", tail_code, t_rows, 2)
         return out
 
-    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int,
+               compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Columns of b windows -> ids [b, T, k], log-probs [b, T, k] (descending, padded with -inf),
+        log tail [b, T]. `compiled`: as for compact (kernels.py; None: when numba is there)."""
+        if compiled is None:
+            compiled = kernels.enabled()
         lens, l_rows = get_stream(columns, "ad_len", nbytes_for(max(k - 1, 0)))
-        gaps, g_rows = get_stream(columns, "ad_gap", self.gap_bytes)
+        if compiled:
+            gaps, g_rows = get_planes(columns, "ad_gap", self.gap_bytes)
+        else:
+            gaps, g_rows = get_stream(columns, "ad_gap", self.gap_bytes)
         low, m_rows = get_stream(columns, "ad_min", self.code_bytes)
         tail_code, t_rows = get_stream(columns, "ad_tail", 2)
         b = len(t_rows)
@@ -108,12 +115,26 @@ class AdaptiveEncoding(_SetCodec):
         per_row = sizes.reshape(b, seq_len).sum(axis=1)
         if not np.array_equal(per_row, g_rows):
             raise ValueError("adaptive: the id stream does not match the stored lengths")
-        codes = np.add(get_frames(columns, "ad_val", self.code_bytes, per_row), np.repeat(low, sizes), dtype=np.int32)
-        if codes.size and codes.max() > self.max_code:
-            raise ValueError("adaptive: value code out of range")
-        ranks = sorted_from_gaps(gaps, sizes)
-        self.check_ranks(ranks)
+        delta = get_frames(columns, "ad_val", self.code_bytes, per_row)
         log_topk, log_tail = self.split_mass(tail_code)
-        ids, logprobs = self.dense_from_sets(ranks, codes, sizes, k, log_topk)
+        if compiled:
+            n = b * seq_len
+            ids = np.empty((n, k), dtype=np.int64)
+            logprobs = np.empty((n, k), dtype=np.float32)
+            err = kernels.decode_rows(gaps, delta, low, log_topk, k, self.max_code, self.rank_bits,
+                                      self.vocab_size or 2**31 - 1, self._key_dtype, self.ranks.id_of,
+                                      self._logp_of_inv, self._units_of_inv, self._unit_p, ids.reshape(-1),
+                                      logprobs.reshape(-1), max(1, DECODE_CHUNK // max(k, 1)), sizes=sizes)
+            if err != kernels.OK:
+                raise ValueError({kernels.BAD_RANK: "adaptive: decoded token id outside the vocabulary",
+                                  kernels.BAD_CODE: "adaptive: value code out of range",
+                                  kernels.BAD_PAD: "adaptive: padding needs vocab_size >= k"}[err])
+        else:
+            codes = np.add(delta, np.repeat(low, sizes), dtype=np.int32)
+            if codes.size and codes.max() > self.max_code:
+                raise ValueError("adaptive: value code out of range")
+            ranks = sorted_from_gaps(gaps, sizes)
+            self.check_ranks(ranks)
+            ids, logprobs = self.dense_from_sets(ranks, codes, sizes, k, log_topk)
         return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
                 log_tail.astype(np.float32).reshape(b, seq_len))
