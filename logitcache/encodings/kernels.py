@@ -1,12 +1,12 @@
-"""Compiled inner loops of the `compact` decoder; the numpy code in compact.py is their reference.
+"""Compiled inner loops of the `compact` and `adaptive` decoders; their numpy code is the reference.
 
 Why: the reader decodes in DataLoader workers, once per window per epoch. In numpy the decoder makes
 about a dozen full passes over the [positions, k] arrays (gap sums, keys, shifts, masks, three table
 lookups, the mass sum, the rescale); these two numba loops fuse them into two passes around numpy's
-SIMD row sort, ~1.8x faster (`scripts/bench_codec.py`). They give the same ids and, within float32
-rounding, the same log-probs as the numpy path (`tests/test_decode_kernels.py`).
+SIMD row sort, 2-3x faster (`scripts/bench_codec.py`). They give the same bytes as the numpy path
+and the same errors on corrupt shards (`tests/test_decode_kernels.py`).
 
-Compiled on first use in each process (~1 s) and not cached on disk: numba's cache files are pickles.
+Compiled on first use in each process (~2 s) and not cached on disk: numba's cache files are pickles.
 `LOGITCACHE_NUMBA=0` (or numba missing) selects the numpy path.
 """
 
