@@ -178,15 +178,16 @@ def test_environment_switch_selects_the_numpy_path(monkeypatch):
     assert kernels.enabled()
 
 
-def test_dataset_compiles_the_loops_before_workers_fork(tmp_path):
+@pytest.mark.parametrize("encoding,params", [("compact", {}), ("adaptive", {"p": 0.9})])
+def test_dataset_compiles_the_loops_before_workers_fork(tmp_path, encoding, params):
     """`CacheReader.dataset` compiles the loops for the cache's array types in the calling process,
     so forked DataLoader workers inherit them: reading real shards afterwards compiles nothing new."""
     from test_writer import VOCAB, make_header, write_cache
 
     from logitcache import format as fmt
 
-    header = make_header(encoding="compact", num_windows=20, rows_per_shard=8)
-    header["encoding"]["params"] = {"vocab_size": VOCAB}
+    header = make_header(encoding=encoding, num_windows=20, rows_per_shard=8)
+    header["encoding"]["params"] = {**params, "vocab_size": VOCAB}
     header["key"] = fmt.cache_key(header["teacher"], header["tokenizer"], header["data"], header["k"],
                                   header["encoding"])
     write_cache(tmp_path / "cache", header)

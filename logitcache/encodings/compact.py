@@ -136,6 +136,19 @@ class _SetCodec:
         log_topk[full], log_tail[full] = -np.inf, 0.0
         return log_topk, log_tail
 
+    def warm_up(self) -> None:
+        """Compile the decode loops (kernels.py) for this encoding's array types now, on one
+        synthetic position (cheap once compiled): processes forked afterwards, such as DataLoader
+        workers, inherit them instead of compiling their own."""
+        if not kernels.enabled():
+            return
+        lp = np.log(np.full((1, 1, 1), 0.8, dtype=np.float32))
+        try:
+            cols = self.encode(np.zeros((1, 1, 1), dtype=np.int64), lp, np.log(np.full((1, 1), 0.2, np.float32)))
+        except ValueError:      # parameters this codec cannot work with: decoding will say so
+            return
+        self.decode(cols, 1, 1)
+
     # -- sorting helpers ------------------------------------------------------
 
     def check_ranks(self, ranks: np.ndarray) -> None:
@@ -257,14 +270,6 @@ class CompactEncoding(_SetCodec):
         put_stream(out, "cz_min", low, per_pos, self.code_bytes)
         put_stream(out, "cz_tail", tail_code, per_pos, 2)
         return out
-
-    def warm_up(self) -> None:
-        """Compile the decode loops for this encoding's array types now, on one synthetic position
-        (cheap once compiled): processes forked afterwards, such as DataLoader workers, inherit them."""
-        if kernels.enabled():
-            lp = np.log(np.full((1, 1, 1), 0.8, dtype=np.float32))
-            cols = self.encode(np.zeros((1, 1, 1), dtype=np.int64), lp, np.log(np.full((1, 1), 0.2, np.float32)))
-            self.decode(cols, 1, 1)
 
     def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int,
                compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
