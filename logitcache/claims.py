@@ -107,11 +107,17 @@ class ShardClaims:
                     return False
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            # held before the file exists: a Ctrl-C anywhere from here on still finds it at close()
+            with self._mutex:
+                self.held.add(index)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except BaseException:
+                with self._mutex:
+                    self.held.discard(index)
+                raise
             with os.fdopen(fd, "w") as f:
                 json.dump({"host": self.host, "pid": os.getpid(), "token": self.token, "time": time.time()}, f)
-        with self._mutex:
-            self.held.add(index)
         return True
 
     def release(self, index: int, written: bool = True) -> None:
@@ -125,6 +131,15 @@ class ShardClaims:
         if info and info.get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        elif not info and os.path.lexists(path):
+            # unreadable: our own write cut short (claims are written whole under the lock, so
+            # with the lock held nobody else is writing one)
+            from logitcache.writer import manifest_lock
+
+            with manifest_lock(self.cache_dir):
+                if not self._read(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
     # -- the work loop -------------------------------------------------------------------------
 

@@ -64,6 +64,28 @@ def test_two_producers_started_together_split_the_work(capsys, tmp_path, slower_
     assert not [p for p in os.listdir(cache) if p.startswith(".") and p != fmt.LOCK_NAME]   # no claims, no temporaries
 
 
+def test_ctrl_c_while_a_claim_is_written_leaves_no_claim(tmp_path, monkeypatch):
+    """Ctrl-C can land between creating a claim file and finishing it; close() must still remove it."""
+    import logitcache.claims as claims_module
+
+    cache = tmp_path / "c"
+    cache.mkdir()
+    claims = ShardClaims(cache)
+
+    def interrupted_dump(obj, f):
+        f.write('{"host": ')                      # half a claim on disk, then Ctrl-C
+        f.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(claims_module.json, "dump", interrupted_dump)
+    with pytest.raises(KeyboardInterrupt):
+        claims.try_claim(4)
+    monkeypatch.undo()
+    assert (cache / claim_name(4)).exists() and 4 in claims.held
+    claims.close()
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".claim")]
+
+
 def test_claims_exclusive_stale_and_taken_over(tmp_path):
     cache = tmp_path / "c"
     cache.mkdir()
