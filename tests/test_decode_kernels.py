@@ -19,7 +19,8 @@ from logitcache.encodings import get_encoding, kernels
 from logitcache.encodings.bytes import put_frames
 from test_encodings import make_fitted, realistic_logits, topk_of
 
-pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="compiled loops off (numba missing or LOGITCACHE_NUMBA=0)")
+pytestmark = pytest.mark.skipif(not kernels.enabled(),
+                                reason="compiled loops off (numba missing or LOGITCACHE_NUMBA=0)")
 
 
 def encode(enc, ids, lp, tail, seq_len):

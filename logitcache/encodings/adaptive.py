@@ -26,7 +26,7 @@ import pyarrow as pa
 from logitcache.encodings import kernels, register
 from logitcache.encodings.bytes import (frame_fields, gaps_from_sorted, get_frames, get_planes, get_stream,
                                         nbytes_for, put_frames, put_stream, sorted_from_gaps, stream_fields)
-from logitcache.encodings.compact import DECODE_CHUNK, _logsumexp_rows, _SetCodec
+from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
 from logitcache.errors import UserError
 
 
@@ -121,14 +121,7 @@ class AdaptiveEncoding(_SetCodec):
             n = b * seq_len
             ids = np.empty((n, k), dtype=np.int64)
             logprobs = np.empty((n, k), dtype=np.float32)
-            err = kernels.decode_rows(gaps, delta, low, log_topk, k, self.max_code, self.rank_bits,
-                                      self.vocab_size or 2**31 - 1, self._key_dtype, self.ranks.id_of,
-                                      self._logp_of_inv, self._units_of_inv, self._unit_p, ids.reshape(-1),
-                                      logprobs.reshape(-1), max(1, DECODE_CHUNK // max(k, 1)), sizes=sizes)
-            if err != kernels.OK:
-                raise ValueError({kernels.BAD_RANK: "adaptive: decoded token id outside the vocabulary",
-                                  kernels.BAD_CODE: "adaptive: value code out of range",
-                                  kernels.BAD_PAD: "adaptive: padding needs vocab_size >= k"}[err])
+            self.decode_compiled(gaps, delta, low, log_topk, k, ids, logprobs, sizes=sizes)
         else:
             codes = np.add(delta, np.repeat(low, sizes), dtype=np.int32)
             if codes.size and codes.max() > self.max_code:

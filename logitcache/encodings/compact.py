@@ -20,8 +20,8 @@ import pyarrow as pa
 
 from logitcache.encodings import kernels, register
 from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, frame_fields,
-                                        gaps_from_sorted, get_frames, get_planes, get_stream, nbytes_for, pack_rank_order,
-                                        put_frames, put_stream, sorted_from_gaps, stream_fields)
+                                        gaps_from_sorted, get_frames, get_planes, get_stream, nbytes_for,
+                                        pack_rank_order, put_frames, put_stream, sorted_from_gaps, stream_fields)
 from logitcache.errors import UserError
 
 TAIL_ZERO = 0           # stored code: the tail is exactly 0 (log T = -inf), e.g. k == vocab
@@ -148,6 +148,16 @@ class _SetCodec:
         except ValueError:      # parameters this codec cannot work with: decoding will say so
             return
         self.decode(cols, 1, 1)
+
+    def decode_compiled(self, gap_planes: list[np.ndarray], delta: np.ndarray, low: np.ndarray,
+                        log_topk: np.ndarray, k: int, ids: np.ndarray, logprobs: np.ndarray,
+                        sizes: np.ndarray | None = None) -> None:
+        """Sets (k each, or `sizes`) -> `ids` [N, k] and `logprobs` [N, k] through the compiled loops."""
+        err = kernels.decode_rows(gap_planes, delta, low, log_topk, k, self.max_code, self.rank_bits,
+                                  self.vocab_size or 2**31 - 1, self._key_dtype, self.ranks.id_of,
+                                  self._logp_of_inv, self._units_of_inv, self._unit_p, ids.reshape(-1),
+                                  logprobs.reshape(-1), max(1, DECODE_CHUNK // max(k, 1)), sizes=sizes)
+        kernels.check(err, self.name)
 
     # -- sorting helpers ------------------------------------------------------
 
@@ -296,15 +306,7 @@ class CompactEncoding(_SetCodec):
         ids = np.empty((n, k), dtype=np.int64)
         logprobs = np.empty((n, k), dtype=np.float32)
         if compiled:
-            err = kernels.decode_rows(gaps, delta, low, log_topk, k, self.max_code, self.rank_bits,
-                                      self.vocab_size or 2**31 - 1, self._key_dtype, self.ranks.id_of,
-                                      self._logp_of_inv, self._units_of_inv, self._unit_p, ids.reshape(-1),
-                                      logprobs.reshape(-1),
-                                      max(1, DECODE_CHUNK // max(k, 1)))
-            if err == kernels.BAD_RANK:
-                raise ValueError(f"{self.name}: decoded token id outside the vocabulary")
-            if err == kernels.BAD_CODE:
-                raise ValueError(f"{self.name}: value code out of range")
+            self.decode_compiled(gaps, delta, low, log_topk, k, ids, logprobs)
             return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
                     log_tail.astype(np.float32).reshape(b, seq_len))
         delta = delta.reshape(n, k)

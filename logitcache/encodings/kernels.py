@@ -24,6 +24,14 @@ BAD_CODE = 2        # a value code above max_code (or below 0)
 BAD_PAD = 3         # fewer free ranks than padding slots (vocab_size < k)
 
 
+def check(err: int, name: str) -> None:
+    """Turn a loop's error code into the ValueError the numpy decoders raise for the same data."""
+    if err != OK:
+        raise ValueError(f"{name}: " + {BAD_RANK: "decoded token id outside the vocabulary",
+                                        BAD_CODE: "value code out of range",
+                                        BAD_PAD: "padding needs vocab_size >= k"}[err])
+
+
 def enabled() -> bool:
     """Whether the compiled loops can be used in this process."""
     return _loops() is not None
