@@ -307,10 +307,16 @@ class CompactEncoding(_SetCodec):
         logprobs = np.empty((n, k), dtype=np.float32)
         if compiled:
             self.decode_compiled(gaps, delta, low, log_topk, k, ids, logprobs)
-            return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
-                    log_tail.astype(np.float32).reshape(b, seq_len))
-        delta = delta.reshape(n, k)
-        gaps = gaps.reshape(n, k)
+        else:
+            self._decode_reference(gaps.reshape(n, k), delta.reshape(n, k), low, log_topk, k, ids, logprobs)
+        return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
+                log_tail.astype(np.float32).reshape(b, seq_len))
+
+    def _decode_reference(self, gaps: np.ndarray, delta: np.ndarray, low: np.ndarray, log_topk: np.ndarray,
+                          k: int, ids: np.ndarray, logprobs: np.ndarray) -> None:
+        """The numpy decoder ([N, k] gaps and code deltas -> `ids`, `logprobs`): the compiled
+        loops' reference, and the path without numba."""
+        n = len(low)
         top_low = (self.max_code - low.astype(np.int32))[:, None]
         # Row chunks bound the temporaries (a few MB each, whatever seq_len and the row group size);
         # smaller chunks measured no faster, the per-call overhead eating any cache gain.
@@ -324,8 +330,6 @@ class CompactEncoding(_SetCodec):
             inv = np.subtract(top_low[a:e], delta[a:e], dtype=self._key_dtype)
             self.dense_from_sets(ranks, inv.reshape(-1), None, k, log_topk[a:e], inverted=True,
                                  out=(ids[a:e], logprobs[a:e]))
-        return (ids.reshape(b, seq_len, k), logprobs.reshape(b, seq_len, k),
-                log_tail.astype(np.float32).reshape(b, seq_len))
 
 
 def ranks_from_fixed_gaps(gaps: np.ndarray, n: int, k: int) -> np.ndarray:

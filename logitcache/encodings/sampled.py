@@ -208,10 +208,8 @@ class SampledEncoding:
         counts_flat = np.zeros(m, dtype=np.int64)
         counts_flat[stored] = cnt
         counts_flat[stored] += 1
-        # the last count is S minus the position's others: their sums from one running sum
-        cs = np.cumsum(counts_flat)
-        partial = cs[ends - 1] - np.where(starts > 0, cs[np.maximum(starts - 1, 0)], 0)
-        last = self.S - partial
+        # the last count is S minus the position's others (every position holds >= 1 id)
+        last = self.S - np.add.reduceat(counts_flat, starts) if m else np.zeros(0, dtype=np.int64)
         if m and last.min() < 1:
             raise ValueError("sampled: stored counts exceed S")
         counts_flat[ends - 1] = last
