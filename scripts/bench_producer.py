@@ -18,7 +18,7 @@ Measured, best of `--repeats` runs each, alternating so both see the same machin
 
 - forward: `model(input_ids).logits` in inference mode over the same batches (a plain
   transformers forward, full [B, T, V] logits, nothing reduced or written);
-- produce: `logitcache.producer.produce` end to end into a fresh folder (windows already
+- produce: `logitcache.produce` end to end into a fresh folder (windows already
   tokenized; model load, top-k + exact tail, encoding, zstd, sha256, fsync and manifest included);
 - compute: the backend alone (`HFBackend.run` over the same batches, model already loaded): body,
   chunked LM head, top-k and tail, without writing, to tell compute overhead from I/O and setup;
@@ -49,8 +49,8 @@ import torch
 
 from logitcache.backends.hf import HFBackend
 from logitcache.data import prepare_windows
-from logitcache.producer import produce
-from logitcache.teacher import load_tokenizer
+from logitcache.produce.pipeline import produce
+from logitcache.backends.teacher import load_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-teacher"
 TARGET = 1.10

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from logitcache.reader import CacheReader  # noqa: E402
-from logitcache.remote import push  # noqa: E402
+from logitcache.read.reader import CacheReader  # noqa: E402
+from logitcache.share.push import push  # noqa: E402
 
 TARGET = 0.5
 

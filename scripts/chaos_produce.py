@@ -144,7 +144,8 @@ def compare_caches(got: Path, ref: Path) -> list[str]:
     """Every difference between two caches: files, bytes, decoded arrays, verify, leftovers."""
     import numpy as np
 
-    from logitcache.reader import CacheReader, verify_cache
+    from logitcache.read.reader import CacheReader
+    from logitcache.verify import verify_cache
 
     problems = []
     files = lambda p: {n for n in os.listdir(p) if n != ".lock"}

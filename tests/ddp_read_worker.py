@@ -12,7 +12,7 @@ import sys
 
 import torch.distributed as dist
 
-from logitcache.reader import CacheReader
+from logitcache.read.reader import CacheReader
 from trainer.data import CacheBatches
 from trainer.loop import init_distributed
 

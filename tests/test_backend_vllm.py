@@ -179,7 +179,7 @@ def teacher_logits(caches) -> torch.Tensor:
 
 
 def _load(cache_dir: Path) -> dict:
-    from logitcache.reader import CacheReader
+    from logitcache.read.reader import CacheReader
 
     reader = CacheReader(cache_dir)
     return next(reader.iter_batches(reader.num_windows))

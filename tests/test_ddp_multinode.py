@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from logitcache.reader import CacheReader
+from logitcache.read.reader import CacheReader
 from moto_s3 import free_port
 from test_writer import make_header, write_cache
 from trainer.data import CacheBatches

@@ -195,7 +195,7 @@ def test_dataset_compiles_the_loops_before_workers_fork(tmp_path, encoding, para
     script = textwrap.dedent(f"""
         import json
         from logitcache.encodings import kernels
-        from logitcache.reader import CacheReader
+        from logitcache.read.reader import CacheReader
         reader = CacheReader({str(tmp_path / "cache")!r})
         loops = kernels._loops()
         compiled = lambda: [len(f.signatures) for f in loops]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from logitcache.reader import CacheReader, verify_cache
+from logitcache.read.reader import CacheReader
+from logitcache.verify import verify_cache
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"
 

@@ -22,10 +22,10 @@ from conftest import tiny_corpus_text
 from logitcache import format as fmt
 from logitcache.data import prepare_windows, tokenizer_fingerprint
 from logitcache.errors import UserError
-from logitcache.reader import CacheReader
-from logitcache.teacher import describe_teacher
-from logitcache.topk import topk_from_logits
-from logitcache.writer import CacheWriter
+from logitcache.read.reader import CacheReader
+from logitcache.backends.teacher import describe_teacher
+from logitcache.backends.topk import topk_from_logits
+from logitcache.produce.writer import CacheWriter
 from trainer.checkpoint import optimizer_from_flat, optimizer_to_flat
 from trainer.cli import main as trainer_main
 from trainer.config import RunConfig, TrainConfig, resume_differences

@@ -17,8 +17,8 @@ import torch
 
 from logitcache import format as fmt
 from logitcache.cli import main
-from logitcache.producer import produce
-from logitcache.reader import verify_cache
+from logitcache.produce.pipeline import produce
+from logitcache.verify import verify_cache
 
 ray = pytest.importorskip("ray")
 

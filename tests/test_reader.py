@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
-from logitcache.reader import CacheReader, inspect_cache, open_cache, verify_cache
-from logitcache.writer import CacheWriter
+from logitcache.read.reader import CacheReader, open_cache
+from logitcache.read.summary import inspect_cache
+from logitcache.verify import verify_cache
+from logitcache.produce.writer import CacheWriter
 from test_writer import make_header, synthetic_windows, write_cache
 
 COLUMNS = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs", "tail_logmass")

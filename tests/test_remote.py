@@ -22,8 +22,12 @@ import yaml
 from logitcache import format as fmt
 from logitcache.cli import main
 from logitcache.errors import UserError
-from logitcache.reader import CacheReader, verify_cache
-from logitcache.remote import RemoteCacheReader, atomic_renames, filesystem, pull, push, storage_options_for
+from logitcache.read.reader import CacheReader
+from logitcache.verify import verify_cache
+from logitcache.read.reader import RemoteCacheReader
+from logitcache.read.urls import atomic_renames, filesystem, storage_options_for
+from logitcache.share.pull import pull
+from logitcache.share.push import push
 from moto_s3 import moto_s3, new_bucket
 from test_writer import make_header, write_cache
 

@@ -14,7 +14,7 @@ import pytest
 
 from logitcache import format as fmt
 from logitcache.cli import main
-from logitcache.reader import verify_cache
+from logitcache.verify import verify_cache
 from test_produce import SMALL, one_thread  # noqa: F401  (fixture)
 
 

@@ -13,7 +13,7 @@ from scipy import stats
 from logitcache.backends.hf import HFBackend
 from logitcache.cli import main
 from logitcache.encodings.sampled import draw_samples_at, window_uniforms
-from logitcache.reader import CacheReader
+from logitcache.read.reader import CacheReader
 from test_loop import metrics, produce_cache, run_trainer
 from test_produce import cache_bytes, one_thread, produce, refused  # noqa: F401  (fixture)
 

@@ -18,7 +18,9 @@ import pytest
 from logitcache import format as fmt
 from logitcache.commands.repair import repair_cache
 from logitcache.errors import UserError
-from logitcache.reader import CacheReader, inspect_cache, verify_cache
+from logitcache.read.reader import CacheReader
+from logitcache.read.summary import inspect_cache
+from logitcache.verify import verify_cache
 from test_reader import never_read  # noqa: F401  (fixture: a FIFO outside the cache)
 from test_writer import make_header, write_cache
 

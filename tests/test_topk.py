@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from logitcache.topk import topk_from_logits
+from logitcache.backends.topk import topk_from_logits
 
 
 def reference(logits: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor):
@@ -158,7 +158,7 @@ def test_shifted_and_unshifted_paths_agree(offset):
 def test_prefiltered_topk_equals_torch_topk(vocab, k):
     """The CPU block-max prefilter is exact: same values as torch.topk and the same columns
     (continuous random logits have no ties), for widths divisible by the block and not."""
-    from logitcache.topk import _prefiltered_topk
+    from logitcache.backends.topk import _prefiltered_topk
 
     g = torch.Generator().manual_seed(vocab + k)
     x = torch.randn(64, vocab, generator=g) * 3
@@ -174,7 +174,7 @@ def test_prefiltered_topk_equals_torch_topk(vocab, k):
 
 def test_prefiltered_topk_with_ties_gives_the_top_values():
     """Heavily tied logits (a quantised model): the values are the true top k + 1 values."""
-    from logitcache.topk import _prefiltered_topk
+    from logitcache.backends.topk import _prefiltered_topk
 
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 20, (32, 4096), generator=g).float()

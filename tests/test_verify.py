@@ -9,7 +9,9 @@ import pytest
 
 from logitcache import cli
 from logitcache import format as fmt
-from logitcache.reader import CacheReader, inspect_cache, verify_cache
+from logitcache.read.reader import CacheReader
+from logitcache.read.summary import inspect_cache
+from logitcache.verify import verify_cache
 from test_writer import make_header, write_cache
 
 

@@ -18,7 +18,9 @@ import pytest
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
-from logitcache.writer import CacheWriter, expected_rows, sha256_file
+from logitcache.produce.writer import CacheWriter
+from logitcache.format.manifest import expected_rows
+from logitcache.format.atomic import sha256_file
 
 VOCAB = 97
 

@@ -4,7 +4,7 @@ Every backend provides:
 
     backend.name            "hf", "vllm": recorded as the manifest's producer.backend
     backend.k               top-k size
-    backend.describe()      the manifest's `teacher` object (logitcache.teacher.describe_teacher),
+    backend.describe()      the manifest's `teacher` object (logitcache.backends.teacher.describe_teacher),
                             with `vocab_size` the loaded model's logit width
     backend.versions()      {library: version} for the manifest's producer.versions
     backend.run(windows)    windows int32 [B, seq_len + 1] (positions read [:, :-1], targets are
@@ -16,11 +16,12 @@ The hf backend also provides `backend.sample(windows, S, uniforms)` -> Samples: 
 position from the full softmax at temperature 1 (vLLM only exposes top logprobs, so it cannot).
 
 Results must not depend on which backend made them beyond float32 rounding: log-probs are
-normalised over every logit column, in float32, with the tail computed as in logitcache.topk.
+normalised over every logit column, in float32, with the tail computed as in logitcache.backends.topk.
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -91,3 +92,12 @@ def make_backend(name: str, teacher: str, *, k: int, device: str = "cpu", dtype:
         return VLLMBackend(teacher, k, dtype, revision=revision, trust_remote_code=trust_remote_code,
                            **{key: v for key, v in options.items() if v is not None})
     raise AssertionError(name)
+
+
+def quiet_libraries() -> None:
+    """Library progress bars and advice would bury the one line a user needs on stderr."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

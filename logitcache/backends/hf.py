@@ -2,7 +2,7 @@
 
 `model.base_model(...)` returns `last_hidden_state` already through the final norm for Llama,
 Qwen2, Mistral, GPT-2 and GPT-NeoX; the LM head (`model.get_output_embeddings()`) is then applied
-to `chunk_size` positions at a time and reduced to top-k at once (logitcache.topk), so a
+to `chunk_size` positions at a time and reduced to top-k at once (logitcache.backends.topk), so a
 [B * T, V] float32 logits tensor never exists for a whole batch. On load, the body + head path is
 checked against `model(input_ids).logits` on a few tokens; a model whose head does more than a
 plain projection (logit soft-capping, scaling) is refused rather than cached wrong.
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from logitcache.backends import Samples, TopK
+from logitcache.backends.teacher import check_k, describe_teacher, resolve_teacher
+from logitcache.backends.topk import topk_from_logits
 from logitcache.errors import UserError
-from logitcache.teacher import check_k, describe_teacher, resolve_teacher
-from logitcache.topk import topk_from_logits
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGITS_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}

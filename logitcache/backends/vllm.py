@@ -34,8 +34,8 @@ import sys
 import numpy as np
 
 from logitcache.backends import TopK
+from logitcache.backends.teacher import check_k, describe_teacher, resolve_teacher
 from logitcache.errors import UserError
-from logitcache.teacher import check_k, describe_teacher, resolve_teacher
 
 # Smallest tail mass written. A top-k mass within ~1e-7 of 1 is inside the rounding of vLLM's
 # float32 log-probs (module doc); such tails are written as 2^-24 (6e-8, the float32 spacing just
@@ -64,7 +64,7 @@ def tail_from_topk(topk_logprobs: np.ndarray, vocab_size: int | None = None) -> 
     """[..., k] float32 log-probs -> [...] float32 log(1 - sum exp), in float64, floored at TAIL_FLOOR.
 
     log1mexp is evaluated the stable way (log(-expm1(x)) near 0, log1p(-exp(x)) below -ln 2). When
-    k covers the whole vocabulary the tail is empty and the result is -inf, as in logitcache.topk.
+    k covers the whole vocabulary the tail is empty and the result is -inf, as in logitcache.backends.topk.
     """
     x = np.asarray(topk_logprobs, dtype=np.float64)
     if vocab_size is not None and x.shape[-1] >= vocab_size:
@@ -278,8 +278,10 @@ class VLLMBackend:
                     pass
             del llm, engine
         try:
-            from vllm.distributed.parallel_state import (destroy_distributed_environment,
-                                                         destroy_model_parallel)
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
 
             destroy_model_parallel()
             destroy_distributed_environment()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from logitcache.reader import inspect_cache
+from logitcache.read.summary import inspect_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -117,7 +117,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitcache.producer import produce
+    from logitcache.produce.pipeline import produce
 
     produce(args.teacher, args.data, args.out, k=args.k, seq_len=args.seq_len, device=args.device,
             dtype=args.dtype, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitcache.remote import pull
+    from logitcache.share.pull import pull
 
     r = pull(args.url, args.dir, storage_options=storage_options(args, args.url), progress=not args.no_progress)
     print(f"pulled {r['shards']} shards into {r['dest']}: {r['downloaded']} downloaded "

@@ -30,7 +30,7 @@ def add_storage_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def storage_options(args: argparse.Namespace, url: str) -> dict:
-    from logitcache.remote import storage_options_for
+    from logitcache.read.urls import storage_options_for
 
     options = {}
     for item in args.storage_option:
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from logitcache.remote import push
+    from logitcache.share.push import push
 
     r = push(args.cache, args.url, storage_options=storage_options(args, args.url), card=not args.no_card,
              progress=not args.no_progress)

@@ -68,7 +68,7 @@ def produce_command(cache_dir: Path, manifest: dict) -> list[str]:
 
 def _bad_shards(cache_dir: Path, manifest: dict) -> dict[str, str]:
     """Shard name -> reason, for every listed shard that verify (or the plan) finds wrong."""
-    from logitcache.reader import verify_cache
+    from logitcache.verify import verify_cache
 
     bad: dict[str, str] = {}
     listed = {e["name"] for e in manifest["shards"]}
@@ -104,7 +104,7 @@ def _quarantine(cache_dir: Path, name: str) -> Path | None:
 
 def repair_cache(cache_dir: str | os.PathLike, dry_run: bool = False) -> tuple[dict[str, str], list[str]]:
     """Quarantine and unlist the bad shards; return ({name: reason}, produce command)."""
-    from logitcache.writer import manifest_lock
+    from logitcache.format.lock import manifest_lock
 
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from logitcache.reader import verify_cache
 from logitcache import format as fmt
+from logitcache.verify import verify_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -58,7 +58,12 @@ def available_encodings() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from logitcache.encodings import plain as _plain  # noqa: E402,F401  (registers fp32 and fp16)
-from logitcache.encodings import compact as _compact  # noqa: E402,F401  (registers compact, adaptive, sampled)
 from logitcache.encodings import adaptive as _adaptive  # noqa: E402,F401
+from logitcache.encodings import compact as _compact  # noqa: E402,F401  (registers compact, adaptive, sampled)
+from logitcache.encodings import plain as _plain  # noqa: E402,F401  (registers fp32 and fp16)
 from logitcache.encodings import sampled as _sampled  # noqa: E402,F401
+
+
+def is_sampled(encoding) -> bool:
+    """Whether an encoding stores draws (sample_ids / sample_counts) rather than top-k sets."""
+    return getattr(encoding, "outputs", None) == ("sample_ids", "sample_counts")

@@ -24,8 +24,18 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import kernels, register
-from logitcache.encodings.bytes import (frame_fields, gaps_from_sorted, get_frames, get_planes, get_stream,
-                                        nbytes_for, put_frames, put_stream, sorted_from_gaps, stream_fields)
+from logitcache.encodings.bytes import (
+    frame_fields,
+    gaps_from_sorted,
+    get_frames,
+    get_planes,
+    get_stream,
+    nbytes_for,
+    put_frames,
+    put_stream,
+    sorted_from_gaps,
+    stream_fields,
+)
 from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
 from logitcache.errors import UserError
 

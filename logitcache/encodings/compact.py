@@ -19,9 +19,20 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import kernels, register
-from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, frame_fields,
-                                        gaps_from_sorted, get_frames, get_planes, get_stream, nbytes_for,
-                                        pack_rank_order, put_frames, put_stream, sorted_from_gaps, stream_fields)
+from logitcache.encodings.bytes import (
+    RANK_TABLE_MAX,
+    check_vocab_and_table,
+    fit_rank_order,
+    frame_fields,
+    get_frames,
+    get_planes,
+    get_stream,
+    nbytes_for,
+    pack_rank_order,
+    put_frames,
+    put_stream,
+    stream_fields,
+)
 from logitcache.errors import UserError
 
 TAIL_ZERO = 0           # stored code: the tail is exactly 0 (log T = -inf), e.g. k == vocab

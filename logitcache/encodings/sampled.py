@@ -22,9 +22,18 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import register
-from logitcache.encodings.bytes import (RANK_TABLE_MAX, check_vocab_and_table, fit_rank_order, gaps_from_sorted,
-                                        get_stream, nbytes_for, pack_rank_order, put_stream, sorted_from_gaps,
-                                        stream_fields)
+from logitcache.encodings.bytes import (
+    RANK_TABLE_MAX,
+    check_vocab_and_table,
+    fit_rank_order,
+    gaps_from_sorted,
+    get_stream,
+    nbytes_for,
+    pack_rank_order,
+    put_stream,
+    sorted_from_gaps,
+    stream_fields,
+)
 from logitcache.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where samples are drawn, not by readers of the format

@@ -132,7 +132,7 @@ def run(args) -> int:
     import torch
 
     from logitcache.data import prepare_windows, tokenizer_fingerprint
-    from logitcache.reader import CacheReader
+    from logitcache.read.reader import CacheReader
     from trainer.data import CacheBatches, load_causal_lm, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_cache, evaluate_windows
     from trainer.loop import init_distributed, preflight, train

@@ -37,7 +37,7 @@ def run(args) -> int:
     import torch
 
     from logitcache.data import prepare_windows, tokenizer_fingerprint
-    from logitcache.reader import CacheReader
+    from logitcache.read.reader import CacheReader
     from trainer.commands.distill import check_cache
     from trainer.data import load_causal_lm, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_cache, evaluate_windows

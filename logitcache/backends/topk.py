@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import torch
 
-
 # Strided blocks of this many columns for the CPU prefilter; used when V >= _PREFILTER_MIN_RATIO *
 # BLOCK * (k + 1), i.e. when the candidates are a small share of the row.
 _BLOCK = 8

@@ -25,25 +25,26 @@ import contextlib
 import fcntl
 import gc
 import os
-import queue
 import re
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from logitcache import format as fmt
-from logitcache.backends import make_backend, resolve_backend_name
+from logitcache.backends import make_backend, quiet_libraries, resolve_backend_name
+from logitcache.backends.teacher import (
+    check_k,
+    check_seq_len,
+    check_tokenizer_fits,
+    describe_teacher,
+    load_tokenizer,
+    resolve_teacher,
+)
 from logitcache.data import Windows, prepare_windows
 from logitcache.encodings import DEFAULT_ENCODING, get_encoding
 from logitcache.errors import UserError
-from logitcache.teacher import (check_k, check_seq_len, check_tokenizer_fits, describe_teacher, load_tokenizer,
-                                resolve_teacher)
-from logitcache.writer import CacheWriter, expected_rows
-
-QUEUE_SIZE = 2
+from logitcache.produce.run import run_shards
+from logitcache.produce.writer import CacheWriter
 
 
 def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int = 512, device: str = "cpu",
@@ -56,7 +57,7 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
             engine_options: dict | None = None) -> list[Path]:
     """Write one cache per teacher under `out` and return their folders (see the module doc).
 
-    `engine` "ray" runs the teacher on Ray actors (`logitcache.engines.ray_engine`, options such as
+    `engine` "ray" runs the teacher on Ray actors (`logitcache.produce.engines.ray`, options such as
     `actors` and `address` in `engine_options`); the cache is the same as a local run's."""
     out = Path(out)
     _check_arguments(teachers, k, seq_len, batch_size, rows_per_shard, num_workers, worker_index,
@@ -71,7 +72,7 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
                         "top log-probs, not draws from the full distribution)")
     if sample:
         k = sample          # a sampled cache's k is its S: S slots (distinct ids + counts) per position
-    _quiet_libraries()
+    quiet_libraries()
 
     # 1. Every teacher's cheap checks before anything is written.
     plans = []
@@ -104,7 +105,7 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
         backend_args = dict(k=k, device=device, dtype=dtype, revision=rev, trust_remote_code=trust_remote_code,
                             chunk_size=logits_chunk, seq_len=seq_len, **(backend_options or {}))
         if todo and engine != "local":   # teacher replicas elsewhere, writing through CacheWriter here
-            from logitcache.engines import run_engine
+            from logitcache.produce.engines import run_engine
 
             writer = run_engine(engine, backend_name, name, backend_args, header, cache_dir, windows.tokens, todo,
                                 batch_size, sample=sample, progress=progress, **(engine_options or {}))
@@ -169,125 +170,6 @@ def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: d
             "data": data, "encoding": dict(encoding), "producer": {"backend": backend, "versions": _versions()}}
 
 
-def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], batch_size: int, *,
-               desc: str = "", progress: bool = True, overlap: bool = True, sample: int = 0) -> None:
-    """Compute the shards `todo` batch by batch; a writer thread writes them as they finish.
-
-    The queue holds at most QUEUE_SIZE finished shards, so memory stays bounded when writing is
-    slower than computing. An error in the writer thread stops the run and is raised here; on
-    Ctrl-C the thread finishes the shard it is writing (it lands complete) and drops the rest.
-    With `overlap` off, shards are written in this thread instead (see `_spare_cpu`). With
-    `sample` = S > 0 the model's `sample` is called instead of `run` (a `sampled` cache), its
-    draws fixed by the cache key and the window ids (see encodings.sampled.window_uniforms).
-    """
-    from tqdm import tqdm
-
-    from logitcache.claims import ShardClaims
-
-    plan = dict(writer.manifest)        # the writer thread replaces writer.manifest as shards land
-    rps, seq_len = plan["rows_per_shard"], writer.seq_len
-    jobs: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
-    failure: list[BaseException] = []
-    stop = threading.Event()
-
-    def write_loop() -> None:
-        while True:
-            item = jobs.get()
-            if item is None or stop.is_set():
-                return
-            index, arrays = item
-            try:
-                writer.write_shard(index, **arrays)
-                claims.release(index)
-            except BaseException as exc:   # handed to the main thread, which raises it
-                failure.append(exc)
-                stop.set()
-                return
-
-    def put(item) -> None:
-        if not overlap:
-            if item is not None:
-                writer.write_shard(item[0], **item[1])
-                claims.release(item[0])
-            return
-        while True:
-            if failure:
-                raise _writer_error(writer, failure[0])
-            try:
-                jobs.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    total = sum(expected_rows(plan, i) for i in todo) * seq_len
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0)
-    thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
-    if overlap:
-        thread.start()
-    start, ok = time.perf_counter(), False
-    # another producer on this cache (same command started twice, say) shares the shards: each is
-    # claimed before it is computed, and claimed ones are waited for, not computed twice
-    claims = ShardClaims(writer.cache_dir)
-    try:
-        for index in claims.take(todo, writer.completed):
-            first, rows = index * rps, expected_rows(plan, index)
-            shard = tokens[first:first + rows]                                     # (rows, T+1)
-            if sample:
-                from logitcache.encodings.sampled import window_uniforms
-
-                parts = [model.sample(shard[s:s + batch_size], sample,
-                                      window_uniforms(writer.key, range(first + s, first + min(rows, s + batch_size)),
-                                                      seq_len, sample))
-                         for s in _batches(rows, batch_size, bar, seq_len, start)]
-                arrays = {"input_ids": shard, **{f: np.concatenate([getattr(p, f) for p in parts])
-                                                 for f in parts[0]._fields}}
-            else:
-                parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
-                # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
-                ids, logprobs, tail, target = (np.concatenate(column) for column in zip(*parts))
-                arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
-                          "topk_logprobs": logprobs, "tail_logmass": tail}
-            put((index, arrays))
-        put(None)
-        if overlap:
-            thread.join()
-        ok = True
-    finally:
-        if not ok and overlap:   # interrupted or failed: let the current write land, drop the queued ones
-            stop.set()
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    jobs.get_nowait()
-            with contextlib.suppress(queue.Full):
-                jobs.put_nowait(None)
-            thread.join()
-        bar.close()
-        claims.close()
-    if failure:
-        raise _writer_error(writer, failure[0])
-    claims.sweep(writer.completed())        # claims left on finished shards by killed producers
-    if len(claims.written) < len(todo):
-        print(f"{desc or writer.cache_dir}: {len(claims.written)} of {len(todo)} shards written by this process, "
-              "the others by another producer of this cache", file=sys.stderr)
-
-
-def _batches(rows: int, batch_size: int, bar, seq_len: int, start: float):
-    """Batch offsets of a shard, advancing the progress bar (tokens/s in the postfix) after each."""
-    for s in range(0, rows, batch_size):
-        yield s
-        bar.update(min(batch_size, rows - s) * seq_len)
-        elapsed = time.perf_counter() - start
-        if elapsed > 0:
-            bar.set_postfix(tok_s=f"{bar.n / elapsed:,.0f}", refresh=False)
-
-
-def _writer_error(writer: CacheWriter, exc: BaseException) -> BaseException:
-    if isinstance(exc, OSError):
-        return UserError(f"{writer.cache_dir}: writing a shard failed: {exc.strerror or exc}")
-    return exc
-
-
 def _windows(memo: dict, data: str, tokenizer, seq_len: int, out: Path, text_column: str,
              max_windows: int | None) -> Windows:
     from logitcache.data import tokenizer_fingerprint
@@ -338,12 +220,3 @@ def _versions() -> dict[str, str]:
     from logitcache import __version__
 
     return {"logitcache": __version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}
-
-
-def _quiet_libraries() -> None:
-    """Library progress bars and advice would bury the one line a user needs on stderr."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

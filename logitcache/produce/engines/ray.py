@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.errors import UserError
-from logitcache.writer import CacheWriter, expected_rows
+from logitcache.format.manifest import expected_rows
+from logitcache.produce.writer import CacheWriter
 
 
 class TeacherActor:
     """One teacher replica; `run` computes and writes a list of shards of one cache."""
 
     def __init__(self, backend: str, teacher: str, backend_args: dict):
-        from logitcache.backends import make_backend
-        from logitcache.producer import _quiet_libraries
+        from logitcache.backends import quiet_libraries, make_backend
 
-        _quiet_libraries()
+        quiet_libraries()
         self.model = make_backend(backend, teacher, **backend_args)
 
     def describe(self) -> tuple[dict, dict]:
@@ -44,7 +44,7 @@ class TeacherActor:
 
     def run(self, cache_dir: str, header: dict, tokens: np.ndarray, todo: list[int], batch_size: int,
             sample: int) -> int:
-        from logitcache.producer import run_shards
+        from logitcache.produce.run import run_shards
 
         writer = CacheWriter(cache_dir, header)
         run_shards(self.model, writer, tokens, todo, batch_size, progress=False, sample=sample)

@@ -1,7 +1,6 @@
-"""The cache format: column names, the manifest, its validation, and the cache key.
+"""The manifest: the only code that reads, validates, seals and writes `manifest.json`.
 
-Nothing else in the package spells a column name or a manifest field; docs/FORMAT.md is the
-normative description and this module is its executable form.
+docs/FORMAT.md is the normative description and this module its executable form.
 """
 
 from __future__ import annotations
@@ -13,71 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from logitcache.errors import UserError
+from logitcache.format.atomic import fsync_path
+from logitcache.format.schema import SHARD_PATTERN
 
 FORMAT_NAME = "logitcache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".lock"
-SHARD_PATTERN = re.compile(r"^shard-(\d{5,9})\.parquet$")
-
-# Columns every shard has, whatever the encoding.
-COL_WINDOW_ID = "window_id"          # int64: index of the window in the data's packed windows
-COL_INPUT_IDS = "input_ids"          # list<int32>, seq_len + 1 tokens (the last is the final target)
-COL_TARGET_LOGPROB = "target_logprob"  # list<float32>, seq_len: teacher log p(actual next token)
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
-
-
-def base_schema() -> list[pa.Field]:
-    return [pa.field(COL_WINDOW_ID, pa.int64()),
-            pa.field(COL_INPUT_IDS, pa.list_(pa.int32())),
-            pa.field(COL_TARGET_LOGPROB, pa.list_(pa.float32()))]
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict) -> str:
-    """sha256 over what determines a cache's content, and nothing else.
-
-    The producer backend and library versions are left out on purpose: the same teacher run by
-    vLLM or by transformers over the same windows must land in the same cache.
-    """
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "teacher": {f: teacher.get(f) for f in ("name_or_path", "revision", "config_sha256",
-                                                 "weights_fingerprint", "dtype")},
-        "tokenizer": tokenizer["fingerprint"],
-        "data": data["fingerprint"],
-        "seq_len": data["seq_len"],
-        "k": k,
-        "encoding": {"name": encoding["name"], "params": encoding.get("params", {})},
-    }
-    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
-
-
-def cache_dir_name(teacher_name: str, k: int, key: str) -> str:
-    """Readable and unique: `<teacher>-k<k>-<key prefix>`; the teacher part is sanitised."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(teacher_name).rstrip("/")).name or "teacher")[:48]
-    return f"{slug}-k{k}-{key[:16]}"
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write to a temporary name, fsync, rename, fsync the folder: readers see old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 CHECKSUM_FIELD = "manifest_sha256"
@@ -141,15 +82,6 @@ def manifest_checksum_problem(cache_dir: Path) -> str | None:
     if digest != value:
         return f"{CHECKSUM_FIELD} mismatch (the file was edited or corrupted)"
     return None
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes a rename inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _require(cond: bool, where: Path, what: str) -> None:
@@ -221,16 +153,18 @@ def parse_manifest(data: bytes, path: Path | str) -> dict:
     return m
 
 
-def shard_path(cache_dir: Path, entry: dict) -> Path:
-    """The file of a validated shard entry, refusing symlinks and anything resolving outside."""
-    cache_dir = Path(cache_dir)
-    name = entry["name"]
-    if not SHARD_PATTERN.match(name):
-        raise UserError(f"{cache_dir}: shard name {name!r} is not allowed")
-    path = cache_dir / name
-    if path.is_symlink():
-        raise UserError(f"{path}: shard is a symbolic link; refusing to follow it")
-    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(cache_dir):
-        raise UserError(f"{path}: shard resolves outside the cache folder")
-    return path
+def expected_rows(manifest: dict, index: int) -> int:
+    """Windows held by shard `index`: `rows_per_shard`, fewer for the last one."""
+    rps, n = manifest["rows_per_shard"], manifest["data"]["num_windows"]
+    return max(0, min(rps, n - index * rps))
 
+
+def entry_problem(m: dict, e: dict) -> str | None:
+    """What is wrong with a (format-valid) shard entry against the manifest's plan, if anything."""
+    if e["index"] >= m["num_shards"]:
+        return f"index {e['index']} beyond num_shards {m['num_shards']}"
+    if e["first_window"] != e["index"] * m["rows_per_shard"]:
+        return f"first_window {e['first_window']} != index * rows_per_shard"
+    if e["rows"] != expected_rows(m, e["index"]):
+        return f"rows {e['rows']} != {expected_rows(m, e['index'])} planned"
+    return None

@@ -95,7 +95,7 @@ class ShardClaims:
 
     def try_claim(self, index: int) -> bool:
         """Claim shard `index` if nobody live holds it (under the cache's lock)."""
-        from logitcache.writer import manifest_lock
+        from logitcache.format.lock import manifest_lock
 
         path = self._path(index)
         with manifest_lock(self.cache_dir):
@@ -134,7 +134,7 @@ class ShardClaims:
         elif not info and os.path.lexists(path):
             # unreadable: our own write cut short (claims are written whole under the lock, so
             # with the lock held nobody else is writing one)
-            from logitcache.writer import manifest_lock
+            from logitcache.format.lock import manifest_lock
 
             with manifest_lock(self.cache_dir):
                 if not self._read(path):
@@ -176,7 +176,7 @@ class ShardClaims:
 
     def sweep(self, done: set[int]) -> None:
         """Remove claims left behind on listed shards by processes that are gone."""
-        from logitcache.writer import manifest_lock
+        from logitcache.format.lock import manifest_lock
 
         with manifest_lock(self.cache_dir):
             for name in os.listdir(self.cache_dir):

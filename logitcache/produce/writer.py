@@ -26,61 +26,24 @@ import contextlib
 import copy
 import errno
 import fcntl
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache import format as fmt
-from logitcache.encodings import get_encoding
+from logitcache.encodings import get_encoding, is_sampled
 from logitcache.errors import UserError
+from logitcache.format.atomic import sha256_file
+from logitcache.format.lock import manifest_lock
+from logitcache.format.manifest import expected_rows
 
 ROW_GROUP_SIZE = 64
 DEFAULT_COMPRESSION_LEVEL = 3
 _SHARD_TMP_PREFIX = ".shard-"          # .shard-00003.parquet.tmp-<pid>
 _MANIFEST_TMP_PREFIX = f".{fmt.MANIFEST_NAME}.tmp-"   # written by format.write_manifest
-_HASH_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path | int) -> str:
-    """Streaming sha256 of a file (a path or an open descriptor, read from its start)."""
-    h = hashlib.sha256()
-    if isinstance(path, int):
-        os.lseek(path, 0, os.SEEK_SET)
-        while chunk := os.read(path, _HASH_CHUNK):
-            h.update(chunk)
-        return h.hexdigest()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def is_sampled(encoding) -> bool:
-    """Whether an encoding stores draws (sample_ids / sample_counts) rather than top-k sets."""
-    return getattr(encoding, "outputs", None) == ("sample_ids", "sample_counts")
-
-
-def expected_rows(manifest: dict, index: int) -> int:
-    """Windows held by shard `index`: `rows_per_shard`, fewer for the last one."""
-    rps, n = manifest["rows_per_shard"], manifest["data"]["num_windows"]
-    return max(0, min(rps, n - index * rps))
-
-
-@contextlib.contextmanager
-def manifest_lock(cache_dir: Path) -> Iterator[None]:
-    """Exclusive advisory lock on `<cache_dir>/.lock` for the duration of the block."""
-    fd = os.open(Path(cache_dir) / fmt.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)   # closing releases the flock
 
 
 class CacheWriter:

@@ -1,0 +1,40 @@
+"""The cache key (a hash over what determines a cache's content) and the folder name made from it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from logitcache.format.manifest import FORMAT_VERSION
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict) -> str:
+    """sha256 over what determines a cache's content, and nothing else.
+
+    The producer backend and library versions are left out on purpose: the same teacher run by
+    vLLM or by transformers over the same windows must land in the same cache.
+    """
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "teacher": {f: teacher.get(f) for f in ("name_or_path", "revision", "config_sha256",
+                                                 "weights_fingerprint", "dtype")},
+        "tokenizer": tokenizer["fingerprint"],
+        "data": data["fingerprint"],
+        "seq_len": data["seq_len"],
+        "k": k,
+        "encoding": {"name": encoding["name"], "params": encoding.get("params", {})},
+    }
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+
+
+def cache_dir_name(teacher_name: str, k: int, key: str) -> str:
+    """Readable and unique: `<teacher>-k<k>-<key prefix>`; the teacher part is sanitised."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(teacher_name).rstrip("/")).name or "teacher")[:48]
+    return f"{slug}-k{k}-{key[:16]}"

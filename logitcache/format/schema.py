@@ -1,0 +1,56 @@
+"""The shard files: their names, the columns every shard has, and opening one safely inside its folder."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+
+from logitcache.errors import UserError
+
+SHARD_PATTERN = re.compile(r"^shard-(\d{5,9})\.parquet$")
+
+# Columns every shard has, whatever the encoding.
+COL_WINDOW_ID = "window_id"          # int64: index of the window in the data's packed windows
+COL_INPUT_IDS = "input_ids"          # list<int32>, seq_len + 1 tokens (the last is the final target)
+COL_TARGET_LOGPROB = "target_logprob"  # list<float32>, seq_len: teacher log p(actual next token)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def base_schema() -> list[pa.Field]:
+    return [pa.field(COL_WINDOW_ID, pa.int64()),
+            pa.field(COL_INPUT_IDS, pa.list_(pa.int32())),
+            pa.field(COL_TARGET_LOGPROB, pa.list_(pa.float32()))]
+
+
+def shard_path(cache_dir: Path, entry: dict) -> Path:
+    """The file of a validated shard entry, refusing symlinks and anything resolving outside."""
+    cache_dir = Path(cache_dir)
+    name = entry["name"]
+    if not SHARD_PATTERN.match(name):
+        raise UserError(f"{cache_dir}: shard name {name!r} is not allowed")
+    path = cache_dir / name
+    if path.is_symlink():
+        raise UserError(f"{path}: shard is a symbolic link; refusing to follow it")
+    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(cache_dir):
+        raise UserError(f"{path}: shard resolves outside the cache folder")
+    return path
+
+
+def open_shard_fd(cache_dir: Path, entry: dict) -> int:
+    """Open a shard read-only, never through a symbolic link; UserError if refused or missing."""
+    path = shard_path(cache_dir, entry)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise UserError(f"{path}: shard listed in the manifest is missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path}: shard is a symbolic link; refusing to follow it") from None
+        raise UserError(f"{path}: cannot open shard ({exc.strerror})") from None

@@ -1,0 +1,136 @@
+"""Run one teacher over a cache's missing shards, batch by batch, with a writer thread writing finished shards."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+
+import numpy as np
+
+from logitcache.errors import UserError
+from logitcache.format.manifest import expected_rows
+from logitcache.produce.writer import CacheWriter
+
+QUEUE_SIZE = 2
+
+
+def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], batch_size: int, *,
+               desc: str = "", progress: bool = True, overlap: bool = True, sample: int = 0) -> None:
+    """Compute the shards `todo` batch by batch; a writer thread writes them as they finish.
+
+    The queue holds at most QUEUE_SIZE finished shards, so memory stays bounded when writing is
+    slower than computing. An error in the writer thread stops the run and is raised here; on
+    Ctrl-C the thread finishes the shard it is writing (it lands complete) and drops the rest.
+    With `overlap` off, shards are written in this thread instead (see `_spare_cpu`). With
+    `sample` = S > 0 the model's `sample` is called instead of `run` (a `sampled` cache), its
+    draws fixed by the cache key and the window ids (see encodings.sampled.window_uniforms).
+    """
+    from tqdm import tqdm
+
+    from logitcache.produce.claims import ShardClaims
+
+    plan = dict(writer.manifest)        # the writer thread replaces writer.manifest as shards land
+    rps, seq_len = plan["rows_per_shard"], writer.seq_len
+    jobs: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+    failure: list[BaseException] = []
+    stop = threading.Event()
+
+    def write_loop() -> None:
+        while True:
+            item = jobs.get()
+            if item is None or stop.is_set():
+                return
+            index, arrays = item
+            try:
+                writer.write_shard(index, **arrays)
+                claims.release(index)
+            except BaseException as exc:   # handed to the main thread, which raises it
+                failure.append(exc)
+                stop.set()
+                return
+
+    def put(item) -> None:
+        if not overlap:
+            if item is not None:
+                writer.write_shard(item[0], **item[1])
+                claims.release(item[0])
+            return
+        while True:
+            if failure:
+                raise _writer_error(writer, failure[0])
+            try:
+                jobs.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    total = sum(expected_rows(plan, i) for i in todo) * seq_len
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)
+    thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
+    if overlap:
+        thread.start()
+    start, ok = time.perf_counter(), False
+    # another producer on this cache (same command started twice, say) shares the shards: each is
+    # claimed before it is computed, and claimed ones are waited for, not computed twice
+    claims = ShardClaims(writer.cache_dir)
+    try:
+        for index in claims.take(todo, writer.completed):
+            first, rows = index * rps, expected_rows(plan, index)
+            shard = tokens[first:first + rows]                                     # (rows, T+1)
+            if sample:
+                from logitcache.encodings.sampled import window_uniforms
+
+                parts = [model.sample(shard[s:s + batch_size], sample,
+                                      window_uniforms(writer.key, range(first + s, first + min(rows, s + batch_size)),
+                                                      seq_len, sample))
+                         for s in _batches(rows, batch_size, bar, seq_len, start)]
+                arrays = {"input_ids": shard, **{f: np.concatenate([getattr(p, f) for p in parts])
+                                                 for f in parts[0]._fields}}
+            else:
+                parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
+                # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
+                ids, logprobs, tail, target = (np.concatenate(column) for column in zip(*parts))
+                arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
+                          "topk_logprobs": logprobs, "tail_logmass": tail}
+            put((index, arrays))
+        put(None)
+        if overlap:
+            thread.join()
+        ok = True
+    finally:
+        if not ok and overlap:   # interrupted or failed: let the current write land, drop the queued ones
+            stop.set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.get_nowait()
+            with contextlib.suppress(queue.Full):
+                jobs.put_nowait(None)
+            thread.join()
+        bar.close()
+        claims.close()
+    if failure:
+        raise _writer_error(writer, failure[0])
+    claims.sweep(writer.completed())        # claims left on finished shards by killed producers
+    if len(claims.written) < len(todo):
+        print(f"{desc or writer.cache_dir}: {len(claims.written)} of {len(todo)} shards written by this process, "
+              "the others by another producer of this cache", file=sys.stderr)
+
+
+def _batches(rows: int, batch_size: int, bar, seq_len: int, start: float):
+    """Batch offsets of a shard, advancing the progress bar (tokens/s in the postfix) after each."""
+    for s in range(0, rows, batch_size):
+        yield s
+        bar.update(min(batch_size, rows - s) * seq_len)
+        elapsed = time.perf_counter() - start
+        if elapsed > 0:
+            bar.set_postfix(tok_s=f"{bar.n / elapsed:,.0f}", refresh=False)
+
+
+def _writer_error(writer: CacheWriter, exc: BaseException) -> BaseException:
+    if isinstance(exc, OSError):
+        return UserError(f"{writer.cache_dir}: writing a shard failed: {exc.strerror or exc}")
+    return exc
