@@ -80,50 +80,22 @@ def pick_loss(requested: str | None, reader, flag: str = "--cache") -> str:
     return requested
 
 
-def make_sampled_loss(loss_cfg: LossConfig, vocab: int):
-    """Random-sampling KD (trainer.losses.sampled_kd_loss) mixed with CE by `alpha_ce`, as a loop loss."""
-    import torch
-
-    from trainer.losses import cross_entropy, sampled_kd_loss
-
-    def loss_fn(logits, batch: dict):
-        labels = batch["labels"].reshape(-1)
-        n = labels.shape[0]
-        s = batch["sample_ids"].shape[-1]
-        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
-        mask = torch.ones(n, dtype=torch.bool, device=labels.device)
-        kd = sampled_kd_loss(flat, batch["sample_ids"].reshape(n, s), batch["sample_counts"].reshape(n, s), mask)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and loss_cfg.alpha_ce > 0):
-            ce = cross_entropy(flat, labels, mask)
-        a = loss_cfg.alpha_ce
-        loss = kd if a == 0.0 else (1.0 - a) * kd + a * ce
-        return loss, {"loss": loss.detach(), "kd": kd.detach(), "ce": ce.detach(), "n_tokens": mask.sum()}
-
-    return loss_fn
-
-
 def make_kd_loss(loss_cfg: LossConfig, vocab: int):
     """The cache KD objective over the first `vocab` logit columns, as a loop loss.
 
-    CE on the true next token is always passed, so it is logged even when `alpha_ce` is 0 (it
-    then reuses the KD log-sum-exp and carries no graph).
+    Each batch's payload picks the estimator (trainer.losses.batch_distill_loss): top-k sets
+    get `loss_cfg.loss` over the k + 1 buckets, draws get random-sampling KD. CE on the true
+    next token is always computed, so it is logged even when `alpha_ce` is 0 (it then carries
+    no graph).
     """
-    import torch
-
-    from trainer.losses import distill_loss
+    from trainer.losses import batch_distill_loss
 
     chunk = loss_cfg.logits_chunk or None
 
     def loss_fn(logits, batch: dict):
-        labels = batch["labels"].reshape(-1)
-        n = labels.shape[0]
-        k = batch["topk_ids"].shape[-1]
-        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
-        return distill_loss(flat, batch["topk_ids"].reshape(n, k), batch["topk_logprobs"].reshape(n, k),
-                            batch["tail_logmass"].reshape(n), labels,
-                            torch.ones(n, dtype=torch.bool, device=labels.device),
-                            kind=loss_cfg.loss, alpha_ce=loss_cfg.alpha_ce, temperature=loss_cfg.temperature,
-                            renormalize_topk=loss_cfg.renormalize_topk, beta=loss_cfg.beta, chunk_size=chunk)
+        return batch_distill_loss(logits, batch, vocab=vocab, kind=loss_cfg.loss, alpha_ce=loss_cfg.alpha_ce,
+                                  temperature=loss_cfg.temperature, renormalize_topk=loss_cfg.renormalize_topk,
+                                  beta=loss_cfg.beta, chunk_size=chunk)
 
     return loss_fn
 
@@ -207,7 +179,7 @@ def run(args) -> int:
 
     source = CacheBatches(reader, cfg.batch_size, cfg.seed, env.rank, env.world, vocab_limit=vocab)
     chunk = loss_cfg.logits_chunk or None
-    loss_fn = make_sampled_loss(loss_cfg, vocab) if reader.sampled else make_kd_loss(loss_cfg, vocab)
+    loss_fn = make_kd_loss(loss_cfg, vocab)
 
     evaluate = None
     eval_bs = cfg.eval_batch_size or cfg.batch_size
