@@ -114,7 +114,7 @@ def test_pretrain_rejects_config_without_model_type(tmp_path, tiny_tokenizer_dir
 
 def test_prune_help_names_supported_architectures():
     from trainer.commands.prune import SUPPORTED
-    from trainer.importance import SUPPORTED_ARCHITECTURES
+    from trainer.prune import SUPPORTED_ARCHITECTURES
 
     assert sorted(SUPPORTED) == sorted(SUPPORTED_ARCHITECTURES.values())
     r = trainer_subprocess("prune", "--help")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from logitcache.errors import UserError
 
-# The architectures trainer.importance.SUPPORTED_ARCHITECTURES accepts (a test keeps them equal);
+# The architectures trainer.prune.SUPPORTED_ARCHITECTURES accepts (a test keeps them equal);
 # spelled out here so that `trainer --help` does not import torch.
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 

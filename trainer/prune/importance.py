@@ -18,8 +18,7 @@ Layer importance is the same for both methods: the mean over tokens of
 ``1 - cos(layer input, layer output)`` (ShortGPT / Minitron depth scoring).  A
 layer that barely rotates the residual stream is the cheapest to drop.
 
-Supported architectures: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM
-(identical module layout; Qwen2 adds q/k/v biases).
+Supported architectures: those of ``trainer.prune.arch`` (identical module layout).
 """
 
 from __future__ import annotations
@@ -32,45 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "SUPPORTED_ARCHITECTURES",
-    "Importance",
-    "check_supported",
-    "compute_importance",
-]
-
-# model_type -> class name.  All share model.embed_tokens, model.layers[i].{self_attn.{q,k,v,o}_proj,
-# mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm}, model.norm and lm_head.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
+from trainer.prune.arch import check_supported, dims
 
 METHODS = ("activation", "gradient")
-
-
-def check_supported(model_or_config) -> None:
-    """Raise ``ValueError`` unless this is one of the supported Llama-family causal LMs.
-
-    Pruning rewrites weights by module name, so an architecture with a different layout
-    (extra norms, fused projections, scaled embeddings) would be pruned silently wrong.
-    """
-    if isinstance(model_or_config, nn.Module):
-        name = type(model_or_config).__name__
-        if name not in SUPPORTED_ARCHITECTURES.values():
-            raise ValueError(
-                f"structured pruning does not support {name}; supported architectures: "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES.values()))}"
-            )
-        return
-    model_type = getattr(model_or_config, "model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        archs = getattr(model_or_config, "architectures", None) or [model_type]
-        raise ValueError(
-            f"structured pruning does not support {archs[0]} (model_type={model_type!r}); supported "
-            f"architectures: {', '.join(sorted(SUPPORTED_ARCHITECTURES.values()))}"
-        )
 
 
 @dataclass
@@ -104,14 +67,6 @@ class Importance:
         return cls(method=meta.get("method", "unknown"), num_tokens=int(meta.get("num_tokens", 0)), **t)
 
 
-def _dims(config) -> tuple[int, int, int, int, int, int]:
-    h = config.hidden_size
-    nq = config.num_attention_heads
-    nkv = getattr(config, "num_key_value_heads", None) or nq
-    hd = getattr(config, "head_dim", None) or h // nq
-    return h, nq, nkv, hd, config.intermediate_size, config.num_hidden_layers
-
-
 def _layer_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
     x = args[0] if args else kwargs["hidden_states"]
     y = output[0] if isinstance(output, (tuple, list)) else output
@@ -130,7 +85,7 @@ def compute_importance(
     check_supported(model)
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; expected one of {METHODS}")
-    h, nq, _, hd, inter, n_layers = _dims(model.config)
+    h, nq, _, hd, inter, n_layers = dims(model.config)
     device = next(model.parameters()).device
 
     hidden = torch.zeros(h, dtype=torch.float32)
