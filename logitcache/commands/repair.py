@@ -17,10 +17,12 @@ import os
 import re
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
+from logitcache.format.manifest import Manifest
 
 QUARANTINE = ".quarantine"
 
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only report what would be quarantined and the produce command; change nothing")
 
 
-def produce_command(cache_dir: Path, manifest: dict) -> list[str]:
+def produce_command(cache_dir: Path, manifest: Manifest) -> list[str]:
     """The `logitcache produce` arguments whose cache key is this manifest's key.
 
     Everything the key depends on is in the manifest: the teacher (name, revision, dtype), the data
@@ -40,38 +42,36 @@ def produce_command(cache_dir: Path, manifest: dict) -> list[str]:
     """
     from logitcache.encodings import get_encoding
 
-    t, d, enc = manifest["teacher"], manifest["data"], manifest["encoding"]
-    cmd = ["logitcache", "produce", "--teacher", str(t.get("name_or_path")), "--data", str(d.get("source")),
-           "--out", str(cache_dir.parent), "--k", str(manifest["k"]), "--seq-len", str(d["seq_len"]),
-           "--rows-per-shard", str(manifest["rows_per_shard"]), "--max-windows", str(d["num_windows"])]
-    if t.get("revision"):
-        cmd += ["--revision", str(t["revision"])]
-    if t.get("dtype"):
-        cmd += ["--dtype", str(t["dtype"])]
-    if d.get("text_column", "text") != "text":
-        cmd += ["--text-column", str(d["text_column"])]
-    cmd += ["--encoding", enc["name"]]
-    params = enc.get("params") or {}
+    t, d, enc = manifest.teacher, manifest.data, manifest.encoding
+    cmd = ["logitcache", "produce", "--teacher", str(t.name_or_path), "--data", str(d.source),
+           "--out", str(cache_dir.parent), "--k", str(manifest.k), "--seq-len", str(d.seq_len),
+           "--rows-per-shard", str(manifest.rows_per_shard), "--max-windows", str(d.num_windows)]
+    if t.revision:
+        cmd += ["--revision", str(t.revision)]
+    if t.dtype:
+        cmd += ["--dtype", str(t.dtype)]
+    if (d.text_column or "text") != "text":
+        cmd += ["--text-column", str(d.text_column)]
+    cmd += ["--encoding", enc.name]
     try:
-        defaults = get_encoding(enc["name"], {}).params()
+        defaults = get_encoding(enc.name, {}).params()
     except Exception:   # an encoding this version cannot build without its parameters
         defaults = {}
-    for key in sorted(params):
-        if key in ("vocab_size", "rank_table") or defaults.get(key) == params[key]:
+    for key in sorted(enc.params):
+        if key in ("vocab_size", "rank_table") or defaults.get(key) == enc.params[key]:
             continue                       # fitted from the windows, or the default
-        cmd += ["--encoding-param", f"{key}={params[key]}"]
-    backend = (manifest.get("producer") or {}).get("backend")
-    if backend in ("hf", "vllm"):
-        cmd += ["--backend", backend]
+        cmd += ["--encoding-param", f"{key}={enc.params[key]}"]
+    if manifest.producer.backend in ("hf", "vllm"):
+        cmd += ["--backend", manifest.producer.backend]
     return cmd
 
 
-def _bad_shards(cache_dir: Path, manifest: dict) -> dict[str, str]:
+def _bad_shards(cache_dir: Path, manifest: Manifest) -> dict[str, str]:
     """Shard name -> reason, for every listed shard that verify (or the plan) finds wrong."""
     from logitcache.verify import verify_cache
 
     bad: dict[str, str] = {}
-    listed = {e["name"] for e in manifest["shards"]}
+    listed = {e.name for e in manifest.shards}
     for name, reason in verify_cache(cache_dir):
         if name in listed:
             bad.setdefault(name, reason)
@@ -111,7 +111,7 @@ def repair_cache(cache_dir: str | os.PathLike, dry_run: bool = False) -> tuple[d
         raise UserError(f"{cache_dir}: no such cache folder")
     mpath = cache_dir / fmt.MANIFEST_NAME
     try:
-        manifest = fmt.load_manifest(cache_dir)
+        manifest = Manifest.load(cache_dir)
     except UserError as exc:
         raise UserError(f"{exc}; the manifest is corrupt beyond repair: move {cache_dir} aside and run the "
                         "same produce command again") from None
@@ -124,14 +124,13 @@ def repair_cache(cache_dir: str | os.PathLike, dry_run: bool = False) -> tuple[d
     if dry_run:
         return bad, command
     with manifest_lock(cache_dir):
-        current = fmt.load_manifest(cache_dir)
-        if current["key"] != manifest["key"]:
+        current = Manifest.load(cache_dir)
+        if current.key != manifest.key:
             raise UserError(f"{mpath}: the cache changed while it was being checked; run repair again")
-        shards = [e for e in current["shards"] if e["name"] not in bad]
-        complete = [e["index"] for e in shards] == list(range(current["num_shards"]))
-        if bad or complete != current["complete"]:
+        repaired = replace(current, shards=tuple(e for e in current.shards if e.name not in bad)).with_completeness()
+        if repaired != current:
             # unlist first: a crash between the two steps leaves an unlisted file, which produce overwrites
-            fmt.write_manifest(cache_dir, dict(current, shards=shards, complete=complete))
+            repaired.write(cache_dir)
         for name in sorted(bad):
             _quarantine(cache_dir, name)
     return bad, command

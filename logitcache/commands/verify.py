@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from logitcache import format as fmt
+from logitcache.format.manifest import Manifest
 from logitcache.verify import verify_cache
 
 
@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
         bad = len({name for name, _ in problems})
         print(f"verify: {bad} bad file{'s' if bad != 1 else ''} in {path}", file=sys.stderr)
         return 1
-    shards = len(fmt.load_manifest(path)["shards"])
+    shards = len(Manifest.load(path).shards)
     print(f"ok: {shards} shards")
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,7 +19,7 @@ import numpy as np
 from logitcache.data.corpus import iter_documents, resolve_source
 from logitcache.data.tokenizer import tokenizer_fingerprint
 from logitcache.errors import UserError
-from logitcache.format import atomic_write_json
+from logitcache.format.atomic import atomic_write, atomic_write_json
 
 
 def pack_windows(docs: Iterable[list[int]], eos_id: int, seq_len: int,
@@ -126,17 +125,9 @@ def prepare_windows(source: str, tokenizer, seq_len: int, root: Path | None = No
     fp = windows_fingerprint(tokens)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_npy(target, tokens)
+        with atomic_write(target) as f:
+            np.save(f, tokens, allow_pickle=False)
         meta = {"fingerprint": fp, "source": canonical, "tokenizer_fingerprint": tok_fp,
                 "seq_len": seq_len, "num_windows": int(len(tokens))}
         atomic_write_json(target.with_suffix(".json"), meta)
     return Windows(tokens, seq_len, fp, canonical, tok_fp, target)
-
-
-def _atomic_write_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

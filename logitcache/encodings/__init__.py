@@ -18,6 +18,7 @@ class Encoding(Protocol):
     """What every codec provides. Arrays are position-major: [B, T, k] for top-k, [B, T] for tails."""
 
     name: str
+    payload: str      # what it stores: "topk" (ids, log-probs, tail) or "samples" (ids, counts)
 
     def params(self) -> dict:
         """JSON-serialisable settings written to the manifest; decode must need nothing else."""
@@ -54,16 +55,12 @@ def get_encoding(name: str, params: dict | None = None) -> Encoding:
     return _REGISTRY[name](**(params or {}))
 
 
-def available_encodings() -> list[str]:
-    return sorted(_REGISTRY)
+def available_encodings(payload: str | None = None) -> list[str]:
+    """Registered encoding names, of one payload type if given."""
+    return sorted(name for name, cls in _REGISTRY.items() if payload is None or cls.payload == payload)
 
 
 from logitcache.encodings import adaptive as _adaptive  # noqa: E402,F401
 from logitcache.encodings import compact as _compact  # noqa: E402,F401  (registers compact, adaptive, sampled)
 from logitcache.encodings import plain as _plain  # noqa: E402,F401  (registers fp32 and fp16)
 from logitcache.encodings import sampled as _sampled  # noqa: E402,F401
-
-
-def is_sampled(encoding) -> bool:
-    """Whether an encoding stores draws (sample_ids / sample_counts) rather than top-k sets."""
-    return getattr(encoding, "outputs", None) == ("sample_ids", "sample_counts")

@@ -45,6 +45,7 @@ class AdaptiveEncoding(_SetCodec):
     """Variable-length top-p prefix of the top-k, compact-coded, with the rest folded into the tail."""
 
     name = "adaptive"
+    payload = "topk"
 
     def __init__(self, p: float = 0.95, **kwargs):
         super().__init__(**kwargs)

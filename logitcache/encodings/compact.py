@@ -264,6 +264,7 @@ class CompactEncoding(_SetCodec):
     """Top-k sets as frequency-rank gaps + sqrt(p) codes + tail log-odds, byte-plane columns."""
 
     name = "compact"
+    payload = "topk"
 
     def arrow_fields(self, k: int, seq_len: int) -> list[pa.Field]:
         return (stream_fields("cz_gap", self.gap_bytes) + frame_fields("cz_val")

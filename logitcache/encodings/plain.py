@@ -32,6 +32,7 @@ def list_values(column: pa.Array, dtype) -> np.ndarray:
 @dataclass
 class _Plain:
     name = "plain"
+    payload = "topk"
     value_type = pa.float32()
 
     def params(self) -> dict:

@@ -130,9 +130,9 @@ class SampledEncoding:
     """Unique sampled ids (frequency-rank gaps) + counts; decodes to sample_ids / sample_counts."""
 
     name = "sampled"
+    payload = "samples"
     parquet_level = 9          # zstd level writers SHOULD use for these columns (see compact.PARQUET_LEVEL)
     # what decode() returns, in order; top-k encodings return topk_ids, topk_logprobs, tail_logmass
-    outputs = ("sample_ids", "sample_counts")
 
     def __init__(self, S: int = 16, vocab_size: int | None = None, rank_table: str | None = None):
         if not (isinstance(S, int) and not isinstance(S, bool) and 1 <= S <= 65535):

@@ -4,36 +4,55 @@ docs/FORMAT.md is the normative description. Nothing outside this package spells
 or a column name.
 """
 
-from logitcache.format.atomic import atomic_write_json, fsync_path, sha256_file
+from logitcache.format.atomic import (
+    atomic_write,
+    atomic_write_json,
+    fsync_path,
+    sha256_file,
+)
 from logitcache.format.key import cache_dir_name, cache_key, canonical_json
 from logitcache.format.lock import LOCK_NAME, manifest_lock
 from logitcache.format.manifest import (
-                                        CHECKSUM_FIELD,
-                                        FORMAT_NAME,
-                                        FORMAT_VERSION,
-                                        MANIFEST_FIELDS,
-                                        MANIFEST_NAME,
-                                        entry_problem,
-                                        expected_rows,
-                                        load_manifest,
-                                        manifest_bytes,
-                                        manifest_checksum_problem,
-                                        parse_manifest,
-                                        write_manifest,
+    CHECKSUM_FIELD,
+    FORMAT_MINOR_VERSION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_FIELDS,
+    MANIFEST_NAME,
+    PAYLOAD_SAMPLES,
+    PAYLOAD_TOPK,
+    PAYLOADS,
+    DataInfo,
+    EncodingSpec,
+    Manifest,
+    ProducerInfo,
+    ShardEntry,
+    TeacherInfo,
+    TokenizerInfo,
+    expected_rows,
+    load_manifest,
+    manifest_bytes,
+    manifest_checksum_problem,
+    parse_manifest,
+    write_manifest,
 )
 from logitcache.format.schema import (
-                                        COL_INPUT_IDS,
-                                        COL_TARGET_LOGPROB,
-                                        COL_WINDOW_ID,
-                                        SHARD_PATTERN,
-                                        base_schema,
-                                        open_shard_fd,
-                                        shard_name,
-                                        shard_path,
+    COL_INPUT_IDS,
+    COL_TARGET_LOGPROB,
+    COL_WINDOW_ID,
+    SHARD_PATTERN,
+    base_schema,
+    open_shard_fd,
+    shard_name,
+    shard_path,
 )
 
-__all__ = ["atomic_write_json", "fsync_path", "sha256_file", "cache_dir_name", "cache_key", "canonical_json",
-           "LOCK_NAME", "manifest_lock", "CHECKSUM_FIELD", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_FIELDS",
-           "MANIFEST_NAME", "entry_problem", "expected_rows", "load_manifest", "manifest_bytes",
-           "manifest_checksum_problem", "parse_manifest", "write_manifest", "COL_INPUT_IDS", "COL_TARGET_LOGPROB",
-           "COL_WINDOW_ID", "SHARD_PATTERN", "base_schema", "open_shard_fd", "shard_name", "shard_path"]
+__all__ = [
+    "atomic_write", "atomic_write_json", "fsync_path", "sha256_file", "cache_dir_name", "cache_key",
+    "canonical_json", "LOCK_NAME", "manifest_lock", "CHECKSUM_FIELD", "FORMAT_MINOR_VERSION", "FORMAT_NAME",
+    "FORMAT_VERSION", "MANIFEST_FIELDS", "MANIFEST_NAME", "PAYLOAD_SAMPLES", "PAYLOAD_TOPK", "PAYLOADS", "DataInfo",
+    "EncodingSpec", "Manifest", "ProducerInfo", "ShardEntry", "TeacherInfo", "TokenizerInfo", "expected_rows",
+    "load_manifest", "manifest_bytes", "manifest_checksum_problem", "parse_manifest", "write_manifest",
+    "COL_INPUT_IDS", "COL_TARGET_LOGPROB", "COL_WINDOW_ID", "SHARD_PATTERN", "base_schema", "open_shard_fd",
+    "shard_name", "shard_path",
+]

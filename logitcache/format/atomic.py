@@ -2,23 +2,57 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, ContextManager, Iterator
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write to a temporary name, fsync, rename, fsync the folder: readers see old or new, never half."""
+def temporary_path(path: Path | str) -> Path:
+    """The one temporary-name convention of every writer: `.<name>.tmp-<pid>` beside the target, so
+    leftovers of a crash are recognisable and never mistaken for the file itself."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path | str, *, text: bool = False, lock: bool = False,
+                 creating: ContextManager | None = None) -> Iterator[IO]:
+    """Write `path` so that readers see the old file or the whole new one, never part of it.
+
+    Yields a file open on `temporary_path(path)`; on a clean exit it is flushed, fsynced and renamed
+    to `path`, and the folder is fsynced (making the rename durable). On an exception the temporary
+    file is removed. `lock` holds an exclusive flock on the temporary file until it is renamed (so
+    another process can tell a live write from a crash leftover); `creating` is a context held
+    while the file is created (the cache's lock, for the same reason). The file is opened for
+    reading too, so a caller may hash what it wrote before the rename.
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
+    with creating if creating is not None else contextlib.nullcontext():
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        if lock:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with os.fdopen(fd, "w+" if text else "w+b") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(tmp, path)     # while the file is still open: its flock lasts until here
+        fsync_path(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    """`obj` as indented, key-sorted JSON, written atomically."""
+    with atomic_write(path, text=True) as f:
         f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def fsync_path(path: Path) -> None:

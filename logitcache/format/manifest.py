@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from logitcache.errors import UserError
-from logitcache.format.atomic import fsync_path
+from logitcache.format.atomic import atomic_write
 from logitcache.format.schema import SHARD_PATTERN
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # major: readers MUST reject a newer one
+FORMAT_MINOR_VERSION = 1    # minor: additive fields only; 1.0 manifests have no `payload`
 MANIFEST_NAME = "manifest.json"
+
+PAYLOAD_TOPK = "topk"           # top-k ids + log-probs + the tail mass per position
+PAYLOAD_SAMPLES = "samples"     # distinct ids + counts of S draws per position
+PAYLOADS = (PAYLOAD_TOPK, PAYLOAD_SAMPLES)
 
 
 CHECKSUM_FIELD = "manifest_sha256"
 _CHECKSUM_PLACEHOLDER = "0" * 64
+# The top-level fields of a 1.0 manifest, the only kind written without a checksum.
 MANIFEST_FIELDS = frozenset({"format", "format_version", "key", "complete", "k", "rows_per_shard", "num_shards",
                              "teacher", "tokenizer", "data", "encoding", "producer", "shards", CHECKSUM_FIELD})
 
@@ -42,16 +48,10 @@ def manifest_bytes(manifest: dict) -> bytes:
     return text.replace(_checksum_span(_CHECKSUM_PLACEHOLDER), _checksum_span(digest), 1).encode()
 
 
-def write_manifest(cache_dir: Path, manifest: dict) -> None:
-    """Seal and atomically replace `cache_dir/manifest.json` (call with the cache's `.lock` held)."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+def write_manifest(cache_dir: Path | str, manifest: dict) -> None:
+    """Seal a manifest object and atomically replace `cache_dir/manifest.json` (with the cache's lock held)."""
+    with atomic_write(Path(cache_dir) / MANIFEST_NAME) as f:
         f.write(manifest_bytes(manifest))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def manifest_checksum_problem(cache_dir: Path) -> str | None:
@@ -84,87 +84,356 @@ def manifest_checksum_problem(cache_dir: Path) -> str | None:
     return None
 
 
-def _require(cond: bool, where: Path, what: str) -> None:
-    if not cond:
-        raise UserError(f"{where}: invalid manifest: {what}")
-
-
 def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**53
 
 
-def load_manifest(cache_dir: Path) -> dict:
-    """Read and validate a manifest; every path and number in it is checked before use.
+_KINDS = {
+    "str": lambda v: isinstance(v, str),
+    "str?": lambda v: v is None or isinstance(v, str),
+    "count": _is_count,
+    "count?": lambda v: v is None or _is_count(v),
+    "int?": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "bool": lambda v: isinstance(v, bool),
+    "dict": lambda v: isinstance(v, dict),
+    "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+}
 
-    Shards come from strangers: names must match `shard-NNNNN.parquet` (no folders, no `..`, no
-    absolute paths) and must not be symbolic links, so a manifest can never make the reader open a
-    file outside the cache folder.
+
+def _kind(k: str):
+    """A dataclass field whose JSON value must be of kind `k` (see _KINDS); optional kinds default
+    to None, objects to {}."""
+    if k == "dict":
+        return field(default_factory=dict, metadata={"kind": k})
+    if k.endswith("?"):
+        return field(default=None, metadata={"kind": k})
+    return field(metadata={"kind": k})
+
+
+def _parse_record(cls, d: Any, where: Path | str, name: str):
+    """Build a record from a JSON object, checking each known field's kind; unknown keys (written
+    by a newer minor version) are ignored."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: invalid manifest: {name} must be an object")
+    values = {}
+    for f in fields(cls):
+        kind = f.metadata["kind"]
+        if f.name not in d and kind.endswith("?"):
+            continue
+        if f.name not in d and kind == "dict":
+            continue
+        value = d.get(f.name)
+        if not _KINDS[kind](value):
+            raise UserError(f"{where}: invalid manifest: {name}.{f.name} {value!r:.40} is not a valid {kind.rstrip('?')}")
+        values[f.name] = value
+    return cls(**values)
+
+
+class _Fields:
+    """Read-only `record["field"]` access, for code written against the manifest as a plain dict."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in {f.name for f in fields(self)}:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+def _rows_of_shard(rows_per_shard: int, num_windows: int, index: int) -> int:
+    return max(0, min(rows_per_shard, num_windows - index * rows_per_shard))
+
+
+def expected_rows(manifest: "Manifest | dict", index: int) -> int:
+    """Windows held by shard `index` of a manifest (or a header dict): `rows_per_shard`, fewer for the last."""
+    return _rows_of_shard(manifest["rows_per_shard"], manifest["data"]["num_windows"], index)
+
+
+def _record_dict(record) -> dict:
+    return {f.name: getattr(record, f.name) for f in fields(record)
+            if not (getattr(record, f.name) is None and f.name in getattr(record, "_omit_when_none", ()))}
+
+
+@dataclass(frozen=True)
+class TeacherInfo(_Fields):
+    """Which model made the cache; `usable_vocab_size` < `vocab_size` when logit columns beyond the
+    tokenizer's tokens were masked out (a padded vocabulary)."""
+
+    name_or_path: str = _kind("str")
+    revision: str | None = _kind("str?")
+    architecture: str | None = _kind("str?")
+    dtype: str | None = _kind("str?")
+    num_parameters: int | None = _kind("count?")
+    config_sha256: str | None = _kind("str?")
+    weights_fingerprint: str | None = _kind("str?")
+    vocab_size: int | None = _kind("count?")
+    max_position_embeddings: int | None = _kind("count?")
+    usable_vocab_size: int | None = _kind("count?")
+
+    _omit_when_none = ("usable_vocab_size",)
+
+    @property
+    def token_limit(self) -> int | None:
+        """Ids a cache of this teacher may hold are below this."""
+        return self.usable_vocab_size if self.usable_vocab_size is not None else self.vocab_size
+
+
+@dataclass(frozen=True)
+class TokenizerInfo(_Fields):
+    fingerprint: str = _kind("str")
+    vocab_size: int | None = _kind("count?")
+    eos_token_id: int | None = _kind("int?")
+
+
+@dataclass(frozen=True)
+class DataInfo(_Fields):
+    """The windows a cache covers: `num_windows` windows of `seq_len` positions each."""
+
+    fingerprint: str = _kind("str")
+    seq_len: int = _kind("count")
+    num_windows: int = _kind("count")
+    source: str | None = _kind("str?")
+    text_column: str | None = _kind("str?")
+    num_tokens: int | None = _kind("count?")
+
+
+@dataclass(frozen=True)
+class EncodingSpec(_Fields):
+    """The codec of the payload columns, with every parameter its decoder needs."""
+
+    name: str = _kind("str")
+    params: dict = _kind("dict")
+
+
+@dataclass(frozen=True)
+class ProducerInfo(_Fields):
+    backend: str | None = _kind("str?")
+    versions: dict = _kind("dict")
+
+
+@dataclass(frozen=True)
+class ShardEntry(_Fields):
+    """One listed shard: its file, its rows (windows first_window..first_window + rows - 1), and
+    the size and sha256 its file must have."""
+
+    name: str = _kind("str")
+    index: int = _kind("count")
+    first_window: int = _kind("count")
+    rows: int = _kind("count")
+    tokens: int = _kind("count")
+    bytes: int = _kind("count")
+    sha256: str = _kind("sha256")
+
+    def to_dict(self) -> dict:
+        return _record_dict(self)
+
+    @classmethod
+    def parse(cls, d: Any, where: Path | str, seq_len: int) -> "ShardEntry":
+        if not isinstance(d, dict):
+            raise UserError(f"{where}: invalid manifest: shard entry must be an object")
+        name = d.get("name")
+        match = SHARD_PATTERN.match(name) if isinstance(name, str) else None
+        _require(match is not None, where, f"shard name {name!r} is not shard-NNNNN.parquet")
+        _require(int(match.group(1)) == d.get("index"), where, f"{name}: index disagrees with name")
+        for f in ("index", "first_window", "rows", "tokens", "bytes"):
+            _require(_is_count(d.get(f)), where, f"{name}: {f} must be a non-negative integer")
+        _require(d["tokens"] == d["rows"] * seq_len, where, f"{name}: tokens != rows * seq_len")
+        _require(_KINDS["sha256"](d.get("sha256")), where, f"{name}: sha256 must be 64 hex digits")
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+def payload_of_encoding(name: str) -> str:
+    """The payload a 1.0 manifest implies: its encoding's name was the only sign of sampled draws."""
+    return PAYLOAD_SAMPLES if name == "sampled" else PAYLOAD_TOPK
+
+
+@dataclass(frozen=True)
+class Manifest(_Fields):
+    """A cache's `manifest.json`, validated: what made the cache, what it covers, and its shards.
+
+    `k` is the number of values stored per position: the top-k size for a `topk` payload, the
+    number of draws S for a `samples` payload (`topk` and `samples` name it for each). Build one
+    with `Manifest.header(...)` (no shards yet), read one with `Manifest.load` / `Manifest.parse`,
+    and change one only through `with_shard` / `write`: instances are immutable.
     """
-    cache_dir = Path(cache_dir)
-    path = cache_dir / MANIFEST_NAME
-    if path.is_symlink():
-        raise UserError(f"{path}: manifest is a symbolic link; refusing to follow it")
-    if not path.is_file():
-        raise UserError(f"{cache_dir}: not a cache (no {MANIFEST_NAME})")
-    return parse_manifest(path.read_bytes(), path)
+
+    key: str
+    k: int
+    rows_per_shard: int
+    num_shards: int
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    data: DataInfo
+    encoding: EncodingSpec
+    producer: ProducerInfo
+    payload: str = PAYLOAD_TOPK
+    shards: tuple[ShardEntry, ...] = ()
+    complete: bool = False
+    format_version: int = FORMAT_VERSION
+    format_minor_version: int = FORMAT_MINOR_VERSION
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len
+
+    @property
+    def num_windows(self) -> int:
+        """Windows planned (all of the data's windows)."""
+        return self.data.num_windows
+
+    @property
+    def topk(self) -> int | None:
+        """k of a `topk` payload, else None."""
+        return self.k if self.payload == PAYLOAD_TOPK else None
+
+    @property
+    def samples(self) -> int | None:
+        """S, the draws per position, of a `samples` payload, else None."""
+        return self.k if self.payload == PAYLOAD_SAMPLES else None
+
+    def expected_rows(self, index: int) -> int:
+        """Windows held by shard `index`: `rows_per_shard`, fewer for the last one."""
+        return _rows_of_shard(self.rows_per_shard, self.num_windows, index)
+
+    def entry_problem(self, e: ShardEntry) -> str | None:
+        """What is wrong with a (format-valid) shard entry against the plan, if anything."""
+        if e.index >= self.num_shards:
+            return f"index {e.index} beyond num_shards {self.num_shards}"
+        if e.first_window != e.index * self.rows_per_shard:
+            return f"first_window {e.first_window} != index * rows_per_shard"
+        if e.rows != self.expected_rows(e.index):
+            return f"rows {e.rows} != {self.expected_rows(e.index)} planned"
+        return None
+
+    def listed(self) -> list[int]:
+        return [e.index for e in self.shards]
+
+    def with_shard(self, entry: ShardEntry) -> "Manifest":
+        """This manifest with `entry` listed (replacing one of the same index), `complete` updated."""
+        shards = sorted([e for e in self.shards if e.index != entry.index] + [entry], key=lambda e: e.index)
+        return replace(self, shards=tuple(shards), complete=[e.index for e in shards] == list(range(self.num_shards)))
+
+    def with_completeness(self) -> "Manifest":
+        return replace(self, complete=self.listed() == list(range(self.num_shards)))
+
+    def same_plan(self, other: "Manifest") -> bool:
+        return (self.key, self.rows_per_shard) == (other.key, other.rows_per_shard)
+
+    # -- JSON ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """The JSON object of the manifest file (without its checksum, added when sealed)."""
+        return {"format": FORMAT_NAME, "format_version": self.format_version,
+                "format_minor_version": self.format_minor_version, "key": self.key, "k": self.k,
+                "payload": self.payload, "rows_per_shard": self.rows_per_shard, "num_shards": self.num_shards,
+                "teacher": _record_dict(self.teacher), "tokenizer": _record_dict(self.tokenizer),
+                "data": _record_dict(self.data), "encoding": _record_dict(self.encoding),
+                "producer": _record_dict(self.producer), "shards": [e.to_dict() for e in self.shards],
+                "complete": self.complete}
+
+    @classmethod
+    def from_dict(cls, m: Any, where: Path | str) -> "Manifest":
+        """Validate a manifest object field by field; `where` names its source in errors."""
+        _require(isinstance(m, dict) and m.get("format") == FORMAT_NAME, where, "not a logitcache manifest")
+        version = m.get("format_version")
+        _require(isinstance(version, int) and not isinstance(version, bool), where, "format_version missing")
+        if version > FORMAT_VERSION:
+            raise UserError(f"{where}: format_version {version} is newer than this reader supports "
+                            f"({FORMAT_VERSION}); upgrade logitcache")
+        _require(version == FORMAT_VERSION, where, f"unsupported format_version {version}")
+        minor = m.get("format_minor_version", 0)
+        _require(_is_count(minor), where, "format_minor_version must be a count")
+        for name in ("key", "teacher", "tokenizer", "data", "k", "encoding", "producer", "shards",
+                     "rows_per_shard", "num_shards", "complete"):
+            _require(name in m, where, f"missing field '{name}'")
+        _require(isinstance(m["key"], str), where, "key must be a string")
+        _require(_is_count(m["k"]) and m["k"] >= 1, where, "k must be a positive integer")
+        data = m["data"]
+        _require(isinstance(data, dict) and _is_count(data.get("seq_len")) and data["seq_len"] >= 1,
+                 where, "data.seq_len must be a positive integer")
+        _require(_is_count(data.get("num_windows")), where, "data.num_windows must be a count")
+        _require(_is_count(m["rows_per_shard"]) and m["rows_per_shard"] >= 1, where, "rows_per_shard")
+        _require(_is_count(m["num_shards"]), where, "num_shards")
+        _require(isinstance(m["encoding"], dict) and isinstance(m["encoding"].get("name"), str),
+                 where, "encoding.name")
+        _require(isinstance(m["complete"], bool), where, "complete must be true or false")
+        payload = m.get("payload", payload_of_encoding(m["encoding"]["name"]))
+        _require(payload in PAYLOADS, where, f"payload {payload!r:.40} is not one of {', '.join(PAYLOADS)}")
+        _require(isinstance(m["shards"], list), where, "shards must be a list")
+        shards = [ShardEntry.parse(e, where, data["seq_len"]) for e in m["shards"]]
+        names = [e.name for e in shards]
+        for name in names:
+            _require(names.count(name) == 1, where, f"{name} listed twice")
+        return cls(key=m["key"], k=m["k"], rows_per_shard=m["rows_per_shard"], num_shards=m["num_shards"],
+                   teacher=_parse_record(TeacherInfo, m["teacher"], where, "teacher"),
+                   tokenizer=_parse_record(TokenizerInfo, m["tokenizer"], where, "tokenizer"),
+                   data=_parse_record(DataInfo, data, where, "data"),
+                   encoding=_parse_record(EncodingSpec, m["encoding"], where, "encoding"),
+                   producer=_parse_record(ProducerInfo, m["producer"], where, "producer"),
+                   payload=payload, shards=tuple(shards), complete=m["complete"],
+                   format_version=version, format_minor_version=minor)
+
+    @classmethod
+    def parse(cls, raw: bytes, where: Path | str) -> "Manifest":
+        """Parse and validate manifest bytes read from anywhere (a folder, an object store); remote
+        copies go through exactly the local checks."""
+        try:
+            m = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise UserError(f"{where}: unreadable manifest ({exc.__class__.__name__})") from None
+        return cls.from_dict(m, where)
+
+    @classmethod
+    def load(cls, cache_dir: Path | str) -> "Manifest":
+        """Read and validate `cache_dir/manifest.json`; every path and number in it is checked.
+
+        Shards come from strangers: names must match `shard-NNNNN.parquet` (no folders, no `..`,
+        no absolute paths) and must not be symbolic links, so a manifest can never make a reader
+        open a file outside the cache folder.
+        """
+        cache_dir = Path(cache_dir)
+        path = cache_dir / MANIFEST_NAME
+        if path.is_symlink():
+            raise UserError(f"{path}: manifest is a symbolic link; refusing to follow it")
+        if not path.is_file():
+            raise UserError(f"{cache_dir}: not a cache (no {MANIFEST_NAME})")
+        return cls.parse(path.read_bytes(), path)
+
+    def write(self, cache_dir: Path | str) -> None:
+        """Seal and atomically replace `cache_dir/manifest.json` (call with the cache's lock held)."""
+        write_manifest(cache_dir, self.to_dict())
+
+    @classmethod
+    def header(cls, *, key: str, k: int, rows_per_shard: int, num_shards: int, teacher: dict, tokenizer: dict,
+               data: dict, encoding: dict, producer: dict, payload: str = PAYLOAD_TOPK) -> "Manifest":
+        """A manifest with no shards yet, from the producer's descriptions (validated as if read)."""
+        return cls.from_dict({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                              "format_minor_version": FORMAT_MINOR_VERSION, "key": key, "k": k,
+                              "payload": payload, "rows_per_shard": rows_per_shard, "num_shards": num_shards,
+                              "teacher": teacher, "tokenizer": tokenizer, "data": data, "encoding": encoding,
+                              "producer": producer, "shards": [], "complete": num_shards == 0}, "header")
+
+
+HEADER_FIELDS = ("key", "k", "rows_per_shard", "num_shards", "teacher", "tokenizer", "data", "encoding", "producer",
+                 "payload")
+
+
+def _require(cond: bool, where: Path | str, what: str) -> None:
+    if not cond:
+        raise UserError(f"{where}: invalid manifest: {what}")
+
+
+def load_manifest(cache_dir: Path | str) -> dict:
+    """The validated manifest of a cache folder as its JSON object (`Manifest.load(...).to_dict()`)."""
+    return Manifest.load(cache_dir).to_dict()
 
 
 def parse_manifest(data: bytes, path: Path | str) -> dict:
-    """Parse and validate manifest bytes read from anywhere (a folder, an object store); `path`
-    only names the source in errors. Remote copies go through exactly the local checks."""
-    try:
-        m = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UserError(f"{path}: unreadable manifest ({exc.__class__.__name__})") from None
-    _require(isinstance(m, dict) and m.get("format") == FORMAT_NAME, path, "not a logitcache manifest")
-    version = m.get("format_version")
-    _require(isinstance(version, int), path, "format_version missing")
-    if version > FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {version} is newer than this reader supports "
-                        f"({FORMAT_VERSION}); upgrade logitcache")
-    _require(version == FORMAT_VERSION, path, f"unsupported format_version {version}")
-    for field in ("key", "teacher", "tokenizer", "data", "k", "encoding", "producer", "shards",
-                  "rows_per_shard", "num_shards", "complete"):
-        _require(field in m, path, f"missing field '{field}'")
-    _require(_is_count(m["k"]) and m["k"] >= 1, path, "k must be a positive integer")
-    data = m["data"]
-    _require(isinstance(data, dict) and _is_count(data.get("seq_len")) and data["seq_len"] >= 1,
-             path, "data.seq_len must be a positive integer")
-    _require(_is_count(data.get("num_windows")), path, "data.num_windows must be a count")
-    _require(_is_count(m["rows_per_shard"]) and m["rows_per_shard"] >= 1, path, "rows_per_shard")
-    _require(_is_count(m["num_shards"]), path, "num_shards")
-    _require(isinstance(m["encoding"], dict) and isinstance(m["encoding"].get("name"), str),
-             path, "encoding.name")
-    _require(isinstance(m["shards"], list), path, "shards must be a list")
-    seen = set()
-    for entry in m["shards"]:
-        _require(isinstance(entry, dict), path, "shard entry must be an object")
-        name = entry.get("name")
-        match = SHARD_PATTERN.match(name) if isinstance(name, str) else None
-        _require(match is not None, path, f"shard name {name!r} is not shard-NNNNN.parquet")
-        _require(int(match.group(1)) == entry.get("index"), path, f"{name}: index disagrees with name")
-        _require(name not in seen, path, f"{name} listed twice")
-        seen.add(name)
-        for f in ("index", "first_window", "rows", "tokens", "bytes"):
-            _require(_is_count(entry.get(f)), path, f"{name}: {f} must be a non-negative integer")
-        _require(entry["tokens"] == entry["rows"] * data["seq_len"], path, f"{name}: tokens != rows * seq_len")
-        _require(isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]),
-                 path, f"{name}: sha256 must be 64 hex digits")
-    return m
-
-
-def expected_rows(manifest: dict, index: int) -> int:
-    """Windows held by shard `index`: `rows_per_shard`, fewer for the last one."""
-    rps, n = manifest["rows_per_shard"], manifest["data"]["num_windows"]
-    return max(0, min(rps, n - index * rps))
-
-
-def entry_problem(m: dict, e: dict) -> str | None:
-    """What is wrong with a (format-valid) shard entry against the manifest's plan, if anything."""
-    if e["index"] >= m["num_shards"]:
-        return f"index {e['index']} beyond num_shards {m['num_shards']}"
-    if e["first_window"] != e["index"] * m["rows_per_shard"]:
-        return f"first_window {e['first_window']} != index * rows_per_shard"
-    if e["rows"] != expected_rows(m, e["index"]):
-        return f"rows {e['rows']} != {expected_rows(m, e['index'])} planned"
-    return None
+    """Validated manifest bytes as a JSON object (`Manifest.parse(...).to_dict()`)."""
+    return Manifest.parse(data, path).to_dict()

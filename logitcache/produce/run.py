@@ -11,7 +11,6 @@ import time
 import numpy as np
 
 from logitcache.errors import UserError
-from logitcache.format.manifest import expected_rows
 from logitcache.produce.writer import CacheWriter
 
 QUEUE_SIZE = 2
@@ -32,8 +31,8 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
 
     from logitcache.produce.claims import ShardClaims
 
-    plan = dict(writer.manifest)        # the writer thread replaces writer.manifest as shards land
-    rps, seq_len = plan["rows_per_shard"], writer.seq_len
+    plan = writer.manifest              # the writer thread replaces writer.manifest as shards land
+    rps, seq_len = plan.rows_per_shard, writer.seq_len
     jobs: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
     failure: list[BaseException] = []
     stop = threading.Event()
@@ -67,7 +66,7 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
             except queue.Full:
                 continue
 
-    total = sum(expected_rows(plan, i) for i in todo) * seq_len
+    total = sum(plan.expected_rows(i) for i in todo) * seq_len
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)
     thread = threading.Thread(target=write_loop, name="logitcache-writer", daemon=True)
@@ -79,7 +78,7 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
     claims = ShardClaims(writer.cache_dir)
     try:
         for index in claims.take(todo, writer.completed):
-            first, rows = index * rps, expected_rows(plan, index)
+            first, rows = index * rps, plan.expected_rows(index)
             shard = tokens[first:first + rows]                                     # (rows, T+1)
             if sample:
                 from logitcache.encodings.sampled import window_uniforms

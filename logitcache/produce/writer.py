@@ -23,7 +23,6 @@ same files as an uninterrupted one with the same pyarrow.
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import fcntl
 import os
@@ -34,11 +33,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache import format as fmt
-from logitcache.encodings import get_encoding, is_sampled
+from logitcache.encodings import get_encoding
 from logitcache.errors import UserError
-from logitcache.format.atomic import sha256_file
+from logitcache.format.atomic import atomic_write, sha256_file
 from logitcache.format.lock import manifest_lock
-from logitcache.format.manifest import expected_rows
+from logitcache.format.manifest import (
+    HEADER_FIELDS,
+    Manifest,
+    ShardEntry,
+    payload_of_encoding,
+)
 
 ROW_GROUP_SIZE = 64
 DEFAULT_COMPRESSION_LEVEL = 3
@@ -49,16 +53,14 @@ _MANIFEST_TMP_PREFIX = f".{fmt.MANIFEST_NAME}.tmp-"   # written by format.write_
 class CacheWriter:
     """Writer for one cache folder.
 
-    `header` is the manifest (docs/FORMAT.md) without `shards` and `complete`: `key`, `k`,
-    `rows_per_shard`, `num_shards`, `teacher`, `tokenizer`, `data` (with `seq_len`,
-    `num_windows`), `encoding` (`name`, `params`) and `producer`; `format` and `format_version` are
-    filled in. On open the folder is created if needed, stale temporary files are removed and the
-    manifest is created if absent. An existing manifest with another key (or another
-    `rows_per_shard`) is refused with a UserError; with the same key, its header is kept and its
-    shards are resumed.
+    `header` is the cache's `Manifest` before any shard (`Manifest.header(...)`), or the same as a
+    JSON object (docs/FORMAT.md) without `shards` and `complete`. On open the folder is created if
+    needed, stale temporary files are removed and the manifest is created if absent. An existing
+    manifest with another key (or another `rows_per_shard`) is refused with a UserError; with the
+    same key, its header is kept and its shards are resumed.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, header: dict, *,
+    def __init__(self, cache_dir: str | os.PathLike, header: Manifest | dict, *,
                  compression_level: int = DEFAULT_COMPRESSION_LEVEL,
                  row_group_size: int = ROW_GROUP_SIZE):
         self.cache_dir = Path(cache_dir)
@@ -66,36 +68,37 @@ class CacheWriter:
         self.row_group_size = min(int(row_group_size), ROW_GROUP_SIZE)
         if self.row_group_size < 1:
             raise ValueError("row_group_size must be >= 1")
-        header = copy.deepcopy(dict(header))
-        header.pop("shards", None)
-        header.pop("complete", None)
-        header["format"] = fmt.FORMAT_NAME
-        header["format_version"] = fmt.FORMAT_VERSION
-        if "key" not in header:
-            raise ValueError("header needs a 'key'")
-        self.key = header["key"]
-        self.encoding = get_encoding(header["encoding"]["name"], header["encoding"].get("params"))
+        if not isinstance(header, Manifest):
+            fields = {f: header[f] for f in HEADER_FIELDS if f in header}
+            fields.setdefault("payload", payload_of_encoding(header["encoding"]["name"]))
+            header = Manifest.header(**fields)
+        self.key = header.key
+        self.encoding = get_encoding(header.encoding.name, header.encoding.params)
+        if self.encoding.payload != header.payload:
+            raise ValueError(f"encoding {self.encoding.name} stores a {self.encoding.payload} payload, "
+                             f"not {header.payload}")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with manifest_lock(self.cache_dir):
             self._remove_stale_tmp()
             if (self.cache_dir / fmt.MANIFEST_NAME).exists():
-                existing = fmt.load_manifest(self.cache_dir)
-                if existing["key"] != self.key:
-                    raise UserError(f"{self.cache_dir}: holds a cache with key {existing['key'][:16]}, "
+                existing = Manifest.load(self.cache_dir)
+                if existing.key != self.key:
+                    raise UserError(f"{self.cache_dir}: holds a cache with key {existing.key[:16]}, "
                                     f"not {self.key[:16]}; use another folder")
-                if existing["rows_per_shard"] != header["rows_per_shard"]:
+                if existing.rows_per_shard != header.rows_per_shard:
                     raise UserError(f"{self.cache_dir}: existing cache has rows_per_shard "
-                                    f"{existing['rows_per_shard']}, not {header['rows_per_shard']}")
+                                    f"{existing.rows_per_shard}, not {header.rows_per_shard}")
+                if existing.format_minor_version > fmt.FORMAT_MINOR_VERSION:
+                    raise UserError(f"{self.cache_dir}: written by a newer logitcache (format "
+                                    f"{existing.format_version}.{existing.format_minor_version}); upgrade to resume it")
             else:
-                manifest = dict(header, shards=[], complete=header["num_shards"] == 0)
-                fmt.write_manifest(self.cache_dir, manifest)
-                fmt.load_manifest(self.cache_dir)   # the header must make a valid manifest
-        self.manifest = fmt.load_manifest(self.cache_dir)
-        self.k = self.manifest["k"]
-        self.seq_len = self.manifest["data"]["seq_len"]
-        self.sampled = is_sampled(self.encoding)
-        if self.sampled and self.k != self.encoding.S:
-            raise ValueError(f"a sampled cache's k must be its S ({self.encoding.S}), not {self.k}")
+                Manifest.from_dict(header.to_dict(), "header").write(self.cache_dir)
+        self.manifest = Manifest.load(self.cache_dir)
+        self.k = self.manifest.k
+        self.seq_len = self.manifest.seq_len
+        self.payload = self.manifest.payload
+        if self.payload == fmt.PAYLOAD_SAMPLES and self.k != self.encoding.S:
+            raise ValueError(f"a samples cache's k must be its S ({self.encoding.S}), not {self.k}")
         self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
         self._levels: dict[str, int] | None = None     # per-column zstd levels, see _column_levels
 
@@ -108,22 +111,22 @@ class CacheWriter:
         that is missing, truncated, a symbolic link or corrupt is not counted: it will be
         written again.
         """
-        self.manifest = fmt.load_manifest(self.cache_dir)
+        self.manifest = Manifest.load(self.cache_dir)
         done = set()
-        for entry in self.manifest["shards"]:
+        for entry in self.manifest.shards:
             try:
                 path = fmt.shard_path(self.cache_dir, entry)
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             except (UserError, OSError):
                 continue
             try:
-                if os.fstat(fd).st_size != entry["bytes"]:
+                if os.fstat(fd).st_size != entry.bytes:
                     continue
-                if verify_hashes and sha256_file(fd) != entry["sha256"]:
+                if verify_hashes and sha256_file(fd) != entry.sha256:
                     continue
             finally:
                 os.close(fd)
-            done.add(entry["index"])
+            done.add(entry.index)
         return done
 
     # -- writing -------------------------------------------------------------------------------
@@ -134,12 +137,13 @@ class CacheWriter:
               sample_ids: np.ndarray | None = None, sample_counts: np.ndarray | None = None) -> pa.Table:
         """Check the arrays of shard `index` and build its Arrow table (see `write_shard`)."""
         m = self.manifest
-        if not (0 <= index < m["num_shards"]):
-            raise ValueError(f"shard index {index} outside 0..{m['num_shards'] - 1}")
-        rows, T, k = expected_rows(m, index), self.seq_len, self.k
-        first = index * m["rows_per_shard"]
+        if not (0 <= index < m.num_shards):
+            raise ValueError(f"shard index {index} outside 0..{m.num_shards - 1}")
+        rows, T, k = m.expected_rows(index), self.seq_len, self.k
+        first = index * m.rows_per_shard
         shapes = {"input_ids": (input_ids, (rows, T + 1)), "target_logprob": (target_logprob, (rows, T))}
-        if self.sampled:
+        sampled = self.payload == fmt.PAYLOAD_SAMPLES
+        if sampled:
             payload = {"sample_ids": sample_ids, "sample_counts": sample_counts}
             shapes.update(sample_ids=(sample_ids, (rows, T, k)), sample_counts=(sample_counts, (rows, T, k)))
         else:
@@ -152,12 +156,12 @@ class CacheWriter:
         for name, (arr, shape) in shapes.items():
             if tuple(np.shape(arr)) != shape:
                 raise ValueError(f"shard {index}: {name} has shape {tuple(np.shape(arr))}, expected {shape}")
-        vocab = m["teacher"].get("vocab_size") if isinstance(m["teacher"], dict) else None
-        id_name = "sample_ids" if self.sampled else "topk_ids"
+        vocab = m.teacher.token_limit
+        id_name = "sample_ids" if sampled else "topk_ids"
         ids = np.asarray(payload[id_name])
         if ids.size and (ids.min() < 0 or (isinstance(vocab, int) and ids.max() >= vocab)):
             raise ValueError(f"shard {index}: {id_name} outside 0..{vocab}")
-        for name in ("target_logprob",) + (() if self.sampled else ("topk_logprobs", "tail_logmass")):
+        for name in ("target_logprob",) + (() if sampled else ("topk_logprobs", "tail_logmass")):
             if np.isnan(shapes[name][0]).any():
                 raise ValueError(f"shard {index}: {name} contains NaN")
         if window_ids is None:
@@ -187,42 +191,25 @@ class CacheWriter:
         Arrays (rows = the shard's window count, T = seq_len): `input_ids` [rows, T+1] int,
         `target_logprob` [rows, T] float32, `topk_ids` [rows, T, k] int, `topk_logprobs`
         [rows, T, k] float32 sorted descending, `tail_logmass` [rows, T] float32. `window_ids`
-        defaults to the shard's own range and must equal it if given. A `sampled` cache takes
-        `sample_ids` / `sample_counts` [rows, T, S] instead of the three top-k arrays (its k is S).
-        Returns {name, index, first_window, rows, tokens, bytes, sha256}.
+        defaults to the shard's own range and must equal it if given. A `samples` payload takes
+        `sample_ids` / `sample_counts` [rows, T, S] instead of the three top-k arrays.
+        Returns the shard's manifest entry as its JSON object.
         """
         table = self.table(index, input_ids=input_ids, target_logprob=target_logprob,
                            topk_ids=topk_ids, topk_logprobs=topk_logprobs,
                            tail_logmass=tail_logmass, window_ids=window_ids,
                            sample_ids=sample_ids, sample_counts=sample_counts)
         name = fmt.shard_name(index)
-        final = self.cache_dir / name
-        tmp = self.cache_dir / f".{name}.tmp-{os.getpid()}"
-        # Create and lock the temporary file while holding .lock, so a writer opening the folder
-        # at this moment cannot mistake it for a crash leftover.
-        with manifest_lock(self.cache_dir):
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            with os.fdopen(os.dup(fd), "wb") as f:
-                self._write_parquet(table, f)
-                f.flush()
-                os.fsync(f.fileno())
-            size = os.fstat(fd).st_size
-            digest = sha256_file(fd)
-            os.replace(tmp, final)
-            fmt.fsync_path(self.cache_dir)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.close(fd)
-        entry = {"name": name, "index": index, "first_window": index * self.manifest["rows_per_shard"],
-                 "rows": table.num_rows, "tokens": table.num_rows * self.seq_len,
-                 "bytes": size, "sha256": digest}
+        # the temporary file is created under .lock and flocked until renamed, so a writer opening
+        # the folder meanwhile cannot mistake it for a crash leftover
+        with atomic_write(self.cache_dir / name, lock=True, creating=manifest_lock(self.cache_dir)) as f:
+            self._write_parquet(table, f)
+            f.flush()
+            size, digest = os.fstat(f.fileno()).st_size, sha256_file(f.fileno())
+        entry = ShardEntry(name=name, index=index, first_window=index * self.manifest.rows_per_shard,
+                           rows=table.num_rows, tokens=table.num_rows * self.seq_len, bytes=size, sha256=digest)
         self._add_entry(entry)
-        return entry
+        return entry.to_dict()
 
     def _write_parquet(self, table: pa.Table, sink) -> None:
         list_columns = [f.name for f in self.schema if pa.types.is_list(f.type)]
@@ -247,35 +234,25 @@ class CacheWriter:
                             else self.compression_level for i in range(len(leaves))}
         return self._levels
 
-    def _add_entry(self, entry: dict) -> None:
+    def _add_entry(self, entry: ShardEntry) -> None:
         with manifest_lock(self.cache_dir):
-            m = fmt.load_manifest(self.cache_dir)
-            if m["key"] != self.key:
-                raise UserError(f"{self.cache_dir}: manifest key changed to {m['key'][:16]} while "
+            m = Manifest.load(self.cache_dir)
+            if m.key != self.key:
+                raise UserError(f"{self.cache_dir}: manifest key changed to {m.key[:16]} while "
                                 f"writing {self.key[:16]}")
-            shards = [e for e in m["shards"] if e["index"] != entry["index"]] + [entry]
-            shards.sort(key=lambda e: e["index"])
-            m["shards"] = shards
-            m["complete"] = [e["index"] for e in shards] == list(range(m["num_shards"]))
-            fmt.write_manifest(self.cache_dir, m)
+            m = m.with_shard(entry)
+            m.write(self.cache_dir)
             self.manifest = m
 
-    def finish(self) -> dict:
+    def finish(self) -> Manifest:
         """Re-read and return the manifest; `complete` tells whether every planned shard is there."""
         with manifest_lock(self.cache_dir):
-            m = fmt.load_manifest(self.cache_dir)
-            complete = [e["index"] for e in m["shards"]] == list(range(m["num_shards"]))
-            if complete != m["complete"]:
-                m["complete"] = complete
-                fmt.write_manifest(self.cache_dir, m)
+            m = Manifest.load(self.cache_dir)
+            if m.with_completeness().complete != m.complete:
+                m = m.with_completeness()
+                m.write(self.cache_dir)
         self.manifest = m
-        return copy.deepcopy(m)
-
-    def __enter__(self) -> "CacheWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
+        return m
 
     # -- crash leftovers -----------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from logitcache.read.dataset import CacheDataset
 from logitcache.read.reader import CacheReader, RemoteCacheReader, open_cache
-
 from logitcache.read.summary import inspect_cache
 
 __all__ = ["CacheDataset", "CacheReader", "open_cache", "RemoteCacheReader", "inspect_cache"]

@@ -99,9 +99,9 @@ class CacheDataset(IterableDataset):
         self.drop_last = bool(drop_last)
         self.cached_units = cached_units or (2 * self.block_units + -(-self.batch_size // UNIT_ROWS) + 1)
         # units: (position in entries, first row, stop row)
-        self.units = np.array([(p, s, min(s + UNIT_ROWS, e["rows"]))
+        self.units = np.array([(p, s, min(s + UNIT_ROWS, e.rows))
                                for p, e in enumerate(self.entries)
-                               for s in range(0, e["rows"], UNIT_ROWS)], dtype=np.int64).reshape(-1, 3)
+                               for s in range(0, e.rows, UNIT_ROWS)], dtype=np.int64).reshape(-1, 3)
         self.set_epoch(epoch, start_batch)
 
     # -- position ------------------------------------------------------------------------------

@@ -42,9 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache import format as fmt
-from logitcache.encodings import get_encoding, is_sampled
+from logitcache.encodings import get_encoding
 from logitcache.encodings.plain import list_values
 from logitcache.errors import UserError
+from logitcache.format.manifest import Manifest, ShardEntry, TeacherInfo
 from logitcache.read.batches import concat_rows, slice_rows, torch_batch
 from logitcache.read.dataset import CacheDataset
 from logitcache.read.remote import RemoteShards
@@ -65,7 +66,7 @@ class CacheReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise UserError(f"{self.path}: no such cache folder")
-        self._load(fmt.load_manifest(self.path))
+        self._load(Manifest.load(self.path))
 
     @classmethod
     def open(cls, path: "str | os.PathLike", **options) -> "CacheReader":
@@ -73,39 +74,41 @@ class CacheReader:
         read-ahead (`RemoteCacheReader`; `options` go to it)."""
         return RemoteCacheReader(str(path), **options) if is_url(path) else cls(path)
 
-    def _load(self, m: dict) -> None:
+    def _load(self, m: Manifest) -> None:
         """Check a validated manifest against the plan and every listed shard's size (local or remote)."""
         self.manifest = m
-        for field in ("teacher", "tokenizer", "producer"):
-            if not isinstance(m[field], dict):
-                raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: {field} must be an object")
-        params = m["encoding"].get("params", {})
-        if not isinstance(params, dict):
-            raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: encoding.params must be an object")
         try:
-            self.encoding = get_encoding(m["encoding"]["name"], params)
+            self.encoding = get_encoding(m.encoding.name, m.encoding.params)
         except TypeError:
             raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid parameters for encoding "
-                            f"'{m['encoding']['name']}': {sorted(params)}") from None
-        self.k: int = m["k"]
-        self.seq_len: int = m["data"]["seq_len"]
-        self.sampled = is_sampled(self.encoding)
+                            f"'{m.encoding.name}': {sorted(m.encoding.params)}") from None
+        if self.encoding.payload != m.payload:
+            raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: encoding {m.encoding.name} "
+                            f"stores {self.encoding.payload}, not the manifest's payload {m.payload}")
+        self.k: int = m.k
+        self.seq_len: int = m.seq_len
+        self.payload: str = m.payload
         if self.sampled and self.k != self.encoding.S:
-            raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: a sampled cache's k ({self.k}) "
+            raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: a samples cache's k ({self.k}) "
                             f"must be its S ({self.encoding.S})")
-        self.shards: list[dict] = sorted(m["shards"], key=lambda e: e["index"])
-        self._by_index = {e["index"]: e for e in self.shards}
+        self.shards: list[ShardEntry] = sorted(m.shards, key=lambda e: e.index)
+        self._by_index = {e.index: e for e in self.shards}
         for e in self.shards:
-            problem = fmt.entry_problem(m, e)
+            problem = m.entry_problem(e)
             if problem:
-                raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: {e['name']}: {problem}")
+                raise UserError(f"{self.path / fmt.MANIFEST_NAME}: invalid manifest: {e.name}: {problem}")
             size = self._shard_size(e)
-            if size != e["bytes"]:
-                raise UserError(f"{self.path / e['name']}: {size} bytes, manifest says {e['bytes']} "
+            if size != e.bytes:
+                raise UserError(f"{self.path / e.name}: {size} bytes, manifest says {e.bytes} "
                                 f"(truncated or replaced); run `logitcache verify {self.path}`")
         self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
 
-    def _shard_size(self, entry: dict) -> int:
+    @property
+    def sampled(self) -> bool:
+        """Whether the cache holds draws (`samples` payload) rather than top-k sets."""
+        return self.payload == fmt.PAYLOAD_SAMPLES
+
+    def _shard_size(self, entry: ShardEntry) -> int:
         fd = fmt.open_shard_fd(self.path, entry)
         try:
             return os.fstat(fd).st_size
@@ -116,24 +119,24 @@ class CacheReader:
 
     @property
     def key(self) -> str:
-        return self.manifest["key"]
+        return self.manifest.key
 
     @property
-    def teacher(self) -> dict:
-        return self.manifest["teacher"]
+    def teacher(self) -> TeacherInfo:
+        return self.manifest.teacher
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest["complete"])
+        return self.manifest.complete
 
     @property
     def rows_per_shard(self) -> int:
-        return self.manifest["rows_per_shard"]
+        return self.manifest.rows_per_shard
 
     @property
     def num_windows(self) -> int:
         """Windows in the listed shards (all of the data's windows once the cache is complete)."""
-        return sum(e["rows"] for e in self.shards)
+        return sum(e.rows for e in self.shards)
 
     @property
     def num_tokens(self) -> int:
@@ -141,7 +144,7 @@ class CacheReader:
 
     @property
     def num_bytes(self) -> int:
-        return sum(e["bytes"] for e in self.shards)
+        return sum(e.bytes for e in self.shards)
 
     def __repr__(self) -> str:
         return (f"CacheReader({str(self.path)!r}, k={self.k}, encoding={self.encoding.name}, "
@@ -163,16 +166,16 @@ class CacheReader:
             raise UserError(f"{self.path}: shard {shard} is not listed in the manifest")
         return self._by_index[shard]
 
-    def open_parquet(self, entry: dict) -> pq.ParquetFile:
+    def open_parquet(self, entry: ShardEntry) -> pq.ParquetFile:
         f = os.fdopen(fmt.open_shard_fd(self.path, entry), "rb")
         try:
             pf = pq.ParquetFile(f)
         except Exception as exc:
             f.close()
-            raise UserError(f"{self.path / entry['name']}: unreadable Parquet ({exc.__class__.__name__})") from None
-        if pf.metadata.num_rows != entry["rows"]:
+            raise UserError(f"{self.path / entry.name}: unreadable Parquet ({exc.__class__.__name__})") from None
+        if pf.metadata.num_rows != entry.rows:
             f.close()
-            raise UserError(f"{self.path / entry['name']}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+            raise UserError(f"{self.path / entry.name}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
         pf._logitcache_file = f   # closed by close_parquet
         return pf
 
@@ -221,7 +224,7 @@ class CacheReader:
         entry = self._entry(index)
         pf = self.open_parquet(entry)
         try:
-            return self.decode(pf.read(), self.path / entry["name"])
+            return self.decode(pf.read(), self.path / entry.name)
         finally:
             self.close_parquet(pf)
 
@@ -238,7 +241,7 @@ class CacheReader:
             pf = self.open_parquet(entry)
             try:
                 for rb in pf.iter_batches(batch_size=min(batch_size, 1024), use_threads=False):
-                    part = self.decode(rb, self.path / entry["name"])
+                    part = self.decode(rb, self.path / entry.name)
                     pending.append(part)
                     have += rb.num_rows
                     while have >= batch_size:
@@ -279,7 +282,7 @@ class CacheReader:
                             equalize_ranks=equalize_ranks, drop_last=drop_last, epoch=epoch,
                             start_batch=start_batch, cached_units=cached_units)
 
-    def read_unit(self, entry: dict, start: int, stop: int, pf: pq.ParquetFile | None = None
+    def read_unit(self, entry: ShardEntry, start: int, stop: int, pf: pq.ParquetFile | None = None
                   ) -> dict[str, np.ndarray]:
         """Rows [start, stop) of one shard, reading only the row groups that hold them."""
         own = pf is None
@@ -294,7 +297,7 @@ class CacheReader:
                     first = pos if first is None else first
                 pos += n
             table = pf.read_row_groups(groups, use_threads=False).slice(start - first, stop - start)
-            return self.decode(table, self.path / entry["name"])
+            return self.decode(table, self.path / entry.name)
         finally:
             if own:
                 self.close_parquet(pf)
@@ -317,26 +320,26 @@ class RemoteCacheReader(CacheReader):
     def __init__(self, url: str, *, storage_options: dict | None = None, readahead: int = 2):
         self.remote = RemoteShards(url, storage_options=storage_options, readahead=readahead)
         self.url, self.path, self.manifest_bytes = self.remote.url, self.remote.path, self.remote.manifest_bytes
-        self._load(fmt.parse_manifest(self.manifest_bytes, self.path / fmt.MANIFEST_NAME))
+        self._load(Manifest.parse(self.manifest_bytes, self.path / fmt.MANIFEST_NAME))
 
     @property
     def fs(self):
         """The fsspec file system (re-created in a forked worker)."""
         return self.remote.fs
 
-    def remote_path(self, entry: dict) -> str:
+    def remote_path(self, entry: ShardEntry) -> str:
         return self.remote.remote_path(entry)
 
-    def check_bytes(self, entry: dict, size: int, digest: str) -> None:
+    def check_bytes(self, entry: ShardEntry, size: int, digest: str) -> None:
         self.remote.check_bytes(entry, size, digest)
 
-    def fetch(self, entry: dict) -> bytes:
+    def fetch(self, entry: ShardEntry) -> bytes:
         return self.remote.fetch(entry)
 
-    def _shard_size(self, entry: dict) -> int:
+    def _shard_size(self, entry: ShardEntry) -> int:
         return self.remote.size(entry)
 
-    def open_parquet(self, entry: dict) -> pq.ParquetFile:
+    def open_parquet(self, entry: ShardEntry) -> pq.ParquetFile:
         return self.remote.parquet(entry)
 
     def _plan(self, entries: list[dict]) -> None:

@@ -58,40 +58,40 @@ class RemoteShards:
         return state
 
     def remote_path(self, entry: dict) -> str:
-        if not SHARD_PATTERN.match(entry["name"]):   # validated already; never build another path
-            raise UserError(f"{self.url}: shard name {entry['name']!r} is not allowed")
-        return f"{self.root}/{entry['name']}"
+        if not SHARD_PATTERN.match(entry.name):   # validated already; never build another path
+            raise UserError(f"{self.url}: shard name {entry.name!r} is not allowed")
+        return f"{self.root}/{entry.name}"
 
     def size(self, entry: dict) -> int:
         """The listed size of a shard; UserError if it is missing or a symbolic link."""
-        info = self._files.get(entry["name"])
+        info = self._files.get(entry.name)
         if info is None:
-            raise UserError(f"{self.path / entry['name']}: shard listed in the manifest is missing")
+            raise UserError(f"{self.path / entry.name}: shard listed in the manifest is missing")
         if info.get("islink"):
-            raise UserError(f"{self.path / entry['name']}: shard is a symbolic link; refusing to follow it")
+            raise UserError(f"{self.path / entry.name}: shard is a symbolic link; refusing to follow it")
         return int(info.get("size") or 0)
 
     def check_bytes(self, entry: dict, size: int, digest: str) -> None:
         """UserError naming the shard unless (size, sha256) is what the manifest lists."""
-        if size != entry["bytes"]:
-            shown = size if size <= entry["bytes"] else f"more than {entry['bytes']}"
-            raise UserError(f"{self.path / entry['name']}: {shown} bytes, manifest says {entry['bytes']} "
+        if size != entry.bytes:
+            shown = size if size <= entry.bytes else f"more than {entry.bytes}"
+            raise UserError(f"{self.path / entry.name}: {shown} bytes, manifest says {entry.bytes} "
                             "(truncated or replaced)")
-        if digest != entry["sha256"]:
-            raise UserError(f"{self.path / entry['name']}: sha256 mismatch ({digest[:16]}..., manifest says "
-                            f"{entry['sha256'][:16]}...): the remote copy is corrupt")
+        if digest != entry.sha256:
+            raise UserError(f"{self.path / entry.name}: sha256 mismatch ({digest[:16]}..., manifest says "
+                            f"{entry.sha256[:16]}...): the remote copy is corrupt")
 
     def fetch(self, entry: dict) -> bytes:
         """The whole shard, checked against its manifest size and sha256."""
         try:
             with self.fs.open(self.remote_path(entry), "rb", block_size=CHUNK) as f:
-                data = f.read(entry["bytes"] + 1)
+                data = f.read(entry.bytes + 1)
         except UserError:
             raise
         except Exception as exc:   # noqa: BLE001
             if is_missing(exc):
-                raise UserError(f"{self.path / entry['name']}: shard listed in the manifest is missing") from None
-            raise UserError(f"{self.path / entry['name']}: cannot read ({exc.__class__.__name__}: {exc})") from None
+                raise UserError(f"{self.path / entry.name}: shard listed in the manifest is missing") from None
+            raise UserError(f"{self.path / entry.name}: cannot read ({exc.__class__.__name__}: {exc})") from None
         self.check_bytes(entry, len(data), hashlib.sha256(data).hexdigest())
         return data
 
@@ -112,9 +112,9 @@ class RemoteShards:
         try:
             pf = pq.ParquetFile(buf)
         except Exception as exc:   # noqa: BLE001
-            raise UserError(f"{self.path / entry['name']}: unreadable Parquet ({exc.__class__.__name__})") from None
-        if pf.metadata.num_rows != entry["rows"]:
-            raise UserError(f"{self.path / entry['name']}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+            raise UserError(f"{self.path / entry.name}: unreadable Parquet ({exc.__class__.__name__})") from None
+        if pf.metadata.num_rows != entry.rows:
+            raise UserError(f"{self.path / entry.name}: {pf.metadata.num_rows} rows, manifest says {entry.rows}")
         pf._logitcache_file = buf
         return pf
 
@@ -125,7 +125,7 @@ class RemoteShards:
             try:
                 self.fetch(e)
             except UserError as exc:
-                problems.append((e["name"], str(exc).split(": ", 1)[-1]))
+                problems.append((e.name, str(exc).split(": ", 1)[-1]))
         return problems
 
 
@@ -149,17 +149,17 @@ class _Prefetcher:
                 f.cancel()
             self.futures.clear()
             self.order = list(entries)
-            self.position = {e["index"]: p for p, e in enumerate(self.order)}
+            self.position = {e.index: p for p, e in enumerate(self.order)}
 
     def _submit(self, entry: dict) -> None:
-        if entry["index"] not in self.futures:
-            self.futures[entry["index"]] = self.pool.submit(self.fetch, entry)
+        if entry.index not in self.futures:
+            self.futures[entry.index] = self.pool.submit(self.fetch, entry)
 
     def get(self, entry: dict) -> bytes:
         with self.lock:
             self._submit(entry)
-            fut = self.futures.pop(entry["index"])
-            p = self.position.get(entry["index"])
+            fut = self.futures.pop(entry.index)
+            p = self.position.get(entry.index)
             if p is not None:
                 for later in self.order[p + 1:p + 1 + self.readahead]:
                     self._submit(later)

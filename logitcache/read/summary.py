@@ -15,8 +15,8 @@ from logitcache.read.reader import CacheReader
 def sample_units(reader: CacheReader, max_windows: int) -> list[tuple[dict, int, int]]:
     """(entry, start, stop) row ranges of at most `max_windows` windows, evenly spread over the
     listed shards (all of them when the cache is small enough)."""
-    units = [(e, s, min(s + UNIT_ROWS, e["rows"])) for e in reader.shards
-             for s in range(0, e["rows"], UNIT_ROWS)]
+    units = [(e, s, min(s + UNIT_ROWS, e.rows)) for e in reader.shards
+             for s in range(0, e.rows, UNIT_ROWS)]
     total = sum(b - a for _, a, b in units)
     if total <= max_windows:
         return units
@@ -83,20 +83,20 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
     tokens = reader.num_tokens
     return {
         "path": str(reader.path),
-        "key": m["key"],
-        "teacher": m["teacher"].get("name_or_path"),
-        "teacher_dtype": m["teacher"].get("dtype"),
-        "vocab_size": m["teacher"].get("vocab_size"),
+        "key": m.key,
+        "teacher": m.teacher.name_or_path,
+        "teacher_dtype": m.teacher.dtype,
+        "vocab_size": m.teacher.vocab_size,
         "k": reader.k,
-        "encoding": m["encoding"]["name"],
-        "encoding_params": m["encoding"].get("params", {}),
+        "encoding": m.encoding.name,
+        "encoding_params": m.encoding.params,
         "seq_len": reader.seq_len,
-        "data_source": m["data"].get("source"),
+        "data_source": m.data.source,
         "windows": reader.num_windows,
-        "planned_windows": m["data"]["num_windows"],
+        "planned_windows": m.data.num_windows,
         "tokens": tokens,
         "shards": len(reader.shards),
-        "planned_shards": m["num_shards"],
+        "planned_shards": m.num_shards,
         "bytes": reader.num_bytes,
         "bytes_per_token": reader.num_bytes / tokens if tokens else None,
         "complete": reader.complete,
@@ -105,5 +105,5 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
         "mean_tail_mass": None if reader.sampled else mean(sums["tail"]),
         "mean_entropy_lower_bound": None if reader.sampled else mean(sums["entropy"]),
         "teacher_nll": mean(sums["nll"]),
-        "backend": m["producer"].get("backend"),
+        "backend": m.producer.backend,
     }

@@ -16,24 +16,24 @@ def dataset_card(manifest: dict, title: str) -> str:
     import yaml
 
     m = manifest
-    shards = sorted(m["shards"], key=lambda e: e["index"])
+    shards = sorted(m.shards, key=lambda e: e.index)
     front = {"configs": [{"config_name": "default",
-                          "data_files": [{"split": "train", "path": [e["name"] for e in shards]}]}],
+                          "data_files": [{"split": "train", "path": [e.name for e in shards]}]}],
              "tags": ["logitcache", "knowledge-distillation", "teacher-logits"]}
-    t, d, enc = m["teacher"], m["data"], m["encoding"]
-    tokens = sum(e["tokens"] for e in shards)
-    size = sum(e["bytes"] for e in shards)
+    t, d, enc = m.teacher, m.data, m.encoding
+    tokens = sum(e.tokens for e in shards)
+    size = sum(e.bytes for e in shards)
     rows = [("teacher", t.get("name_or_path")), ("teacher revision", t.get("revision")),
             ("architecture", t.get("architecture")), ("parameters", t.get("num_parameters")),
             ("teacher dtype", t.get("dtype")), ("vocab size (logit width)", t.get("vocab_size")),
-            ("k", m["k"]), ("encoding", f"{enc['name']} {fmt.canonical_json(enc.get('params', {}))[:200]}"),
-            ("seq_len", d["seq_len"]), ("windows", f"{sum(e['rows'] for e in shards)} of {d['num_windows']}"),
-            ("tokens", tokens), ("shards", f"{len(shards)} of {m['num_shards']}"),
-            ("rows per shard", m["rows_per_shard"]), ("bytes", size),
-            ("bytes per token", f"{size / tokens:.1f}" if tokens else "-"), ("complete", m["complete"]),
+            ("k", m.k), ("encoding", f"{enc['name']} {fmt.canonical_json(enc.get('params', {}))[:200]}"),
+            ("seq_len", d["seq_len"]), ("windows", f"{sum(e.rows for e in shards)} of {d['num_windows']}"),
+            ("tokens", tokens), ("shards", f"{len(shards)} of {m.num_shards}"),
+            ("rows per shard", m.rows_per_shard), ("bytes", size),
+            ("bytes per token", f"{size / tokens:.1f}" if tokens else "-"), ("complete", m.complete),
             ("data source", d.get("source")), ("data fingerprint", d.get("fingerprint")),
-            ("tokenizer fingerprint", m["tokenizer"].get("fingerprint")),
-            ("producer", m["producer"].get("backend")), ("cache key", m["key"])]
+            ("tokenizer fingerprint", m.tokenizer.fingerprint),
+            ("producer", m.producer.backend), ("cache key", m.key)]
     table = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
     plain = enc["name"] in ("fp16", "fp32")
     return (f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n# {title}\n\n"

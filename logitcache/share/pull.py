@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import sys
 from pathlib import Path
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
-from logitcache.format.atomic import sha256_file
+from logitcache.format.atomic import atomic_write, sha256_file
+from logitcache.format.manifest import Manifest
 from logitcache.read.reader import RemoteCacheReader
 from logitcache.read.urls import CHUNK
 from logitcache.share.push import TMP_RE, ProgressHook
@@ -28,9 +28,9 @@ def pull(url: str, dest: str | os.PathLike, *, storage_options: dict | None = No
     m, raw = remote.manifest, remote.manifest_bytes
     dest = Path(dest)
     if (dest / fmt.MANIFEST_NAME).exists() or (dest / fmt.MANIFEST_NAME).is_symlink():
-        mine = fmt.load_manifest(dest)
-        if mine["key"] != m["key"]:
-            raise UserError(f"{dest}: holds a cache with key {mine['key'][:16]}, not {m['key'][:16]}; "
+        mine = Manifest.load(dest)
+        if mine.key != m.key:
+            raise UserError(f"{dest}: holds a cache with key {mine.key[:16]}, not {m.key[:16]}; "
                             "pull into another folder")
     elif dest.exists() and not dest.is_dir():
         raise UserError(f"{dest}: exists and is not a folder")
@@ -44,20 +44,21 @@ def pull(url: str, dest: str | os.PathLike, *, storage_options: dict | None = No
     try:
         for e in remote.shards:
             final = fmt.shard_path(dest, e)
-            if final.is_file() and final.stat().st_size == e["bytes"] and sha256_file(final) == e["sha256"]:
+            if final.is_file() and final.stat().st_size == e.bytes and sha256_file(final) == e.sha256:
                 counts["skipped"] += 1
                 status = "skipped"
             else:
                 _download_verified(remote, e, final)
                 counts["downloaded"] += 1
-                counts["bytes_downloaded"] += e["bytes"]
+                counts["bytes_downloaded"] += e.bytes
                 status = "downloaded"
-            bar.update(e["bytes"])
+            bar.update(e.bytes)
             if on_file is not None:
-                on_file(e["name"], status)
+                on_file(e.name, status)
     finally:
         bar.close()
-    _write_atomic(dest / fmt.MANIFEST_NAME, raw)       # last: the folder is now a cache
+    with atomic_write(dest / fmt.MANIFEST_NAME) as f:     # last: the folder is now a cache
+        f.write(raw)
     problems = verify_cache(dest)
     if problems:
         name, reason = problems[0]
@@ -66,34 +67,10 @@ def pull(url: str, dest: str | os.PathLike, *, storage_options: dict | None = No
 
 
 def _download_verified(remote: "RemoteCacheReader", e: dict, final: Path) -> None:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid():x}-{secrets.token_hex(4)}")
     h, n = hashlib.sha256(), 0
-    try:
-        with remote.fs.open(remote.remote_path(e), "rb", block_size=CHUNK) as src, \
-                open(tmp, "xb") as out:
-            while n <= e["bytes"] and (chunk := src.read(min(CHUNK, e["bytes"] + 1 - n))):
-                h.update(chunk)
-                out.write(chunk)
-                n += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        remote.check_bytes(e, n, h.hexdigest())
-        os.replace(tmp, final)
-        fmt.fsync_path(final.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid():x}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fmt.fsync_path(path.parent)
+    with remote.fs.open(remote.remote_path(e), "rb", block_size=CHUNK) as src, atomic_write(final) as out:
+        while n <= e.bytes and (chunk := src.read(min(CHUNK, e.bytes + 1 - n))):
+            h.update(chunk)
+            out.write(chunk)
+            n += len(chunk)
+        remote.check_bytes(e, n, h.hexdigest())     # raising here removes the temporary file

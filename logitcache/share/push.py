@@ -12,6 +12,7 @@ from typing import Callable
 from logitcache import format as fmt
 from logitcache.errors import UserError
 from logitcache.format.atomic import sha256_file
+from logitcache.format.manifest import Manifest
 from logitcache.read.reader import CacheReader
 from logitcache.read.urls import (
     MAX_MANIFEST_BYTES,
@@ -39,14 +40,14 @@ def push(cache: str | os.PathLike, url: str, *, storage_options: dict | None = N
     reader = CacheReader(cache)             # the local cache is validated like any read
     m = reader.manifest
     raw = (cache / fmt.MANIFEST_NAME).read_bytes()
-    if fmt.parse_manifest(raw, cache / fmt.MANIFEST_NAME) != m:
+    if Manifest.parse(raw, cache / fmt.MANIFEST_NAME) != m:
         raise UserError(f"{cache / fmt.MANIFEST_NAME}: changed while pushing; try again")
     fs, root = filesystem(url, storage_options)
     remote = read_limited(fs, f"{root}/{fmt.MANIFEST_NAME}", MAX_MANIFEST_BYTES, f"{url}/{fmt.MANIFEST_NAME}")
     if remote is not None:
-        other = fmt.parse_manifest(remote, f"{url}/{fmt.MANIFEST_NAME}")
-        if other["key"] != m["key"]:
-            raise UserError(f"{url}: holds a cache with key {other['key'][:16]}, not {m['key'][:16]}; "
+        other = Manifest.parse(remote, f"{url}/{fmt.MANIFEST_NAME}")
+        if other.key != m.key:
+            raise UserError(f"{url}: holds a cache with key {other.key[:16]}, not {m.key[:16]}; "
                             "push to another URL")
     fs.makedirs(root, exist_ok=True)
     listing = list_folder(fs, root)
@@ -60,25 +61,25 @@ def push(cache: str | os.PathLike, url: str, *, storage_options: dict | None = N
     try:
         for e in reader.shards:
             local = fmt.shard_path(cache, e)
-            if os.path.getsize(local) != e["bytes"] or sha256_file(local) != e["sha256"]:
+            if os.path.getsize(local) != e.bytes or sha256_file(local) != e.sha256:
                 raise UserError(f"{local}: does not match its manifest (size or sha256); "
                                 f"run `logitcache verify {cache}` and re-produce it before pushing")
-            target = f"{root}/{e['name']}"
-            info = listing.get(e["name"])
-            if info is not None and info.get("size") == e["bytes"] and \
-                    remote_digest(fs, target, e["bytes"]) == (e["bytes"], e["sha256"]):
+            target = f"{root}/{e.name}"
+            info = listing.get(e.name)
+            if info is not None and info.get("size") == e.bytes and \
+                    remote_digest(fs, target, e.bytes) == (e.bytes, e.sha256):
                 counts["skipped"] += 1
                 status = "skipped"
             else:
-                _upload_verified(fs, str(local), target, e["bytes"], e["sha256"], url)
+                _upload_verified(fs, str(local), target, e.bytes, e.sha256, url)
                 counts["uploaded"] += 1
-                counts["bytes_uploaded"] += e["bytes"]
+                counts["bytes_uploaded"] += e.bytes
                 status = "uploaded"
-            bar.update(e["bytes"])
+            bar.update(e.bytes)
             if on_file is not None:
-                on_file(e["name"], status)
+                on_file(e.name, status)
         if card:
-            text = dataset_card(m, f"{m['teacher'].get('name_or_path')} top-{m['k']} logit cache").encode()
+            text = dataset_card(m, f"{m.teacher.get('name_or_path')} top-{m.k} logit cache").encode()
             _upload_bytes(fs, text, f"{root}/{CARD_NAME}", url)
         _upload_bytes(fs, raw, f"{root}/{fmt.MANIFEST_NAME}", url)     # last: the push is now visible
     finally:

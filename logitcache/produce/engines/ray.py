@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from logitcache.errors import UserError
-from logitcache.format.manifest import expected_rows
 from logitcache.produce.writer import CacheWriter
 
 
@@ -34,7 +33,7 @@ class TeacherActor:
     """One teacher replica; `run` computes and writes a list of shards of one cache."""
 
     def __init__(self, backend: str, teacher: str, backend_args: dict):
-        from logitcache.backends import quiet_libraries, make_backend
+        from logitcache.backends import make_backend, quiet_libraries
 
         quiet_libraries()
         self.model = make_backend(backend, teacher, **backend_args)
@@ -103,11 +102,11 @@ def run_ray(backend: str, teacher: str, backend_args: dict, header: dict, cache_
         done = writer.completed()
         todo = [i for i in todo if i not in done]
         plan = writer.manifest
-        seq_len = plan["data"]["seq_len"]
+        seq_len = plan.data.seq_len
         tokens_ref = ray.put(np.ascontiguousarray(tokens))
         refs = [h.run.remote(str(cache_dir), writer.manifest, tokens_ref, todo[j::n], batch_size, sample)
                 for j, h in enumerate(handles)]
-        total = sum(expected_rows(plan, i) for i in todo) * seq_len
+        total = sum(plan.expected_rows(i) for i in todo) * seq_len
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"{Path(cache_dir).name} [ray x{n}]",
                    disable=not progress, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
         start = time.perf_counter()
@@ -120,7 +119,7 @@ def run_ray(backend: str, teacher: str, backend_args: dict, header: dict, cache_
                 except ray.exceptions.RayError as exc:
                     raise _user_error(exc) from None
                 now = writer.completed()
-                bar.update(sum(expected_rows(plan, i) for i in todo if i in now) * seq_len - bar.n)
+                bar.update(sum(plan.expected_rows(i) for i in todo if i in now) * seq_len - bar.n)
                 bar.set_postfix(tok_s=f"{bar.n / max(time.perf_counter() - start, 1e-9):,.0f}", refresh=False)
         finally:
             bar.close()
