@@ -16,7 +16,8 @@ from logitcache.read.summary import inspect_cache
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="cache folder (the one holding manifest.json)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of a table (with the encoding's full parameters)")
     parser.add_argument("--sample-windows", type=int, default=1024, metavar="N",
                         help="windows read for the distribution statistics (default: 1024; 0 = none)")
 
@@ -47,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
         ("cache", info["path"]),
         ("key", info["key"][:16]),
         ("teacher", f"{_fmt(info['teacher'])} ({_fmt(info['teacher_dtype'])}, vocab {_fmt(info['vocab_size'])})"),
-        ("k", _fmt(info["k"])),
-        ("encoding", info["encoding"] + (f" {_fmt(info['encoding_params'])}" if info["encoding_params"] else "")),
+        ("payload", info["payload"]),
+        ("k" if info["payload"] == "topk" else "draws (S)", _fmt(info["k"])),
+        ("encoding", info["encoding"]),
+        *((f"  {name}", str(value)) for name, value in sorted(info["encoding_summary"].items())),
         ("seq_len", _fmt(info["seq_len"])),
         ("data", _fmt(info["data_source"])),
         ("windows", f"{_fmt(info['windows'])} of {_fmt(info['planned_windows'])}"),

@@ -291,6 +291,7 @@ class RankMap:
 
     def __init__(self, order: np.ndarray | None, vocab_size: int | None):
         self.vocab_size = vocab_size
+        self.table_length = 0 if order is None else len(order)
         if order is None or vocab_size is None:
             self.rank_of = self.id_of = None
             return
@@ -364,3 +365,11 @@ def sorted_from_gaps(gaps: np.ndarray, set_sizes: np.ndarray) -> np.ndarray:
     before = np.where(starts > 0, c[np.maximum(starts - 1, 0)], 0)
     nonempty = set_sizes > 0
     return c - 1 - np.repeat(before[nonempty], set_sizes[nonempty])
+
+
+def describe_rank_table(params: dict, ranks: RankMap) -> dict:
+    """`params` with the rank table (kilobytes of base64) replaced by what it holds, for people."""
+    table = params.get("rank_table")
+    if table is None:
+        return dict(params)
+    return {**params, "rank_table": f"{ranks.table_length:,} ids ranked by frequency ({len(table):,} characters)"}

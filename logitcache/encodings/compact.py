@@ -22,6 +22,7 @@ from logitcache.encodings import kernels, register
 from logitcache.encodings.bytes import (
     RANK_TABLE_MAX,
     check_vocab_and_table,
+    describe_rank_table,
     fit_rank_order,
     frame_fields,
     get_frames,
@@ -95,6 +96,10 @@ class _SetCodec:
         self._key_dtype = np.int32 if key_bits <= 31 else np.int64
 
     # -- parameters -----------------------------------------------------------
+
+    def describe(self) -> dict:
+        """The parameters in a form to print: the rank table summarised (see `params` for all)."""
+        return describe_rank_table(self.params(), self.ranks)
 
     def params(self) -> dict:
         return {"step": self.step, "tail_step": self.tail_step, "vocab_size": self.vocab_size,

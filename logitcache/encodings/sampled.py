@@ -25,6 +25,7 @@ from logitcache.encodings import register
 from logitcache.encodings.bytes import (
     RANK_TABLE_MAX,
     check_vocab_and_table,
+    describe_rank_table,
     fit_rank_order,
     gaps_from_sorted,
     get_stream,
@@ -141,6 +142,10 @@ class SampledEncoding:
         self.vocab_size, self.rank_table, self.ranks = check_vocab_and_table(self.name, vocab_size, rank_table)
         self.gap_bytes = nbytes_for(vocab_size - 1) if vocab_size is not None else 4
         self.len_bytes = nbytes_for(S - 1)
+
+    def describe(self) -> dict:
+        """The parameters in a form to print: the rank table summarised (see `params` for all)."""
+        return describe_rank_table(self.params(), self.ranks)
 
     def params(self) -> dict:
         return {"S": self.S, "vocab_size": self.vocab_size, "rank_table": self.rank_table}

@@ -51,6 +51,12 @@ def topk_stats(topk_logprobs: np.ndarray, tail_logmass: np.ndarray) -> tuple[np.
     return mass, -(p_term + t_term)
 
 
+def describe_encoding(encoding) -> dict:
+    """An encoding's parameters as a person reads them: what a large table holds, not its bytes."""
+    describe = getattr(encoding, "describe", None)
+    return describe() if describe is not None else encoding.params()
+
+
 def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
     """Summary of a cache: identity, size and what the teacher's distributions look like.
 
@@ -90,6 +96,8 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
         "k": reader.k,
         "encoding": m.encoding.name,
         "encoding_params": m.encoding.params,
+        "encoding_summary": describe_encoding(reader.encoding),
+        "payload": m.payload,
         "seq_len": reader.seq_len,
         "data_source": m.data.source,
         "windows": reader.num_windows,
