@@ -1,66 +1,12 @@
-"""Value/id codecs for the per-position top-k columns, registered by name.
+"""Codecs for a cache's payload columns, registered by name; the manifest records the name and
+parameters, and the reader decodes with exactly those, so a cache always describes itself.
 
-An encoding turns the producer's dense arrays into Arrow columns and back. The manifest records its
-name and parameters, and the reader decodes with exactly those, so a cache always describes itself.
+`topk` payloads: `fp32`, `fp16` (plain lists), `compact` and `adaptive` (docs/encodings.md).
+`samples` payloads: `sampled`.
 """
 
-from __future__ import annotations
+from logitcache.encodings import adaptive, compact, plain, sampled  # noqa: F401  (each registers its codecs)
+from logitcache.encodings.registry import (DEFAULT_ENCODING, Encoding, available_encodings, get_encoding,
+                                           register)
 
-from typing import Protocol
-
-import numpy as np
-import pyarrow as pa
-
-from logitcache.errors import UserError
-
-
-class Encoding(Protocol):
-    """What every codec provides. Arrays are position-major: [B, T, k] for top-k, [B, T] for tails."""
-
-    name: str
-    payload: str      # what it stores: "topk" (ids, log-probs, tail) or "samples" (ids, counts)
-
-    def params(self) -> dict:
-        """JSON-serialisable settings written to the manifest; decode must need nothing else."""
-
-    def arrow_fields(self, k: int, seq_len: int) -> list[pa.Field]:
-        """The columns this encoding adds to each shard."""
-
-    def encode(self, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
-               tail_logmass: np.ndarray) -> dict[str, pa.Array]:
-        """ids [B,T,k] int, logprobs [B,T,k] float32 (descending), tail [B,T] float32 -> columns."""
-
-    def decode(self, columns: dict[str, pa.Array], k: int, seq_len: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Columns of B rows -> (ids [B,T,k] int64, logprobs [B,T,k] float32, tail [B,T] float32)."""
-
-
-# The producer's default, chosen by scripts/bench_codec.py: ~0.29x the bytes of fp16 at mean KL
-# ~9e-4 nats to the exact (k+1)-way distribution, and decoding faster than training reads.
-DEFAULT_ENCODING = "compact"
-
-_REGISTRY: dict[str, type] = {}
-
-
-def register(cls: type) -> type:
-    """Class decorator: make an encoding selectable by its `name`."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def get_encoding(name: str, params: dict | None = None) -> Encoding:
-    """Build the named encoding with the manifest's parameters; unknown names are a user error."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown encoding '{name}' (known: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](**(params or {}))
-
-
-def available_encodings(payload: str | None = None) -> list[str]:
-    """Registered encoding names, of one payload type if given."""
-    return sorted(name for name, cls in _REGISTRY.items() if payload is None or cls.payload == payload)
-
-
-from logitcache.encodings import adaptive as _adaptive  # noqa: E402,F401
-from logitcache.encodings import compact as _compact  # noqa: E402,F401  (registers compact, adaptive, sampled)
-from logitcache.encodings import plain as _plain  # noqa: E402,F401  (registers fp32 and fp16)
-from logitcache.encodings import sampled as _sampled  # noqa: E402,F401
+__all__ = ["DEFAULT_ENCODING", "Encoding", "available_encodings", "get_encoding", "register"]

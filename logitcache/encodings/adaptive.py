@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings import kernels, register
+from logitcache.encodings import kernels
+from logitcache.encodings.registry import register
 from logitcache.encodings.bytes import (
     frame_fields,
     gaps_from_sorted,

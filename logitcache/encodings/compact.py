@@ -18,7 +18,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings import kernels, register
+from logitcache.encodings import kernels
+from logitcache.encodings.registry import register
 from logitcache.encodings.bytes import (
     RANK_TABLE_MAX,
     check_vocab_and_table,

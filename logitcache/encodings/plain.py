@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings import register
+from logitcache.encodings.registry import register
 
 
 def _flat_list(values: np.ndarray, rows: int, arrow_type: pa.DataType) -> pa.Array:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings import register
+from logitcache.encodings.registry import register
 from logitcache.encodings.bytes import (
     RANK_TABLE_MAX,
     check_vocab_and_table,
