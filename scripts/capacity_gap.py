@@ -266,7 +266,7 @@ def sweep(cfg: dict, work: Path) -> list[dict]:
 
 def fits(rows: list[dict], n_boot: int) -> dict:
     """Capacity-gap fit over the sweep's optima and the Busbridge distillation law on the grid."""
-    from trainer import scaling_laws as sl
+    import laws as sl
 
     runs = [sl.SweepRun(**{k: r[k] for k in ("student_params", "student_tokens", "teacher_params", "teacher_loss",
                                              "student_loss", "ce_only_loss", "teacher_tokens")}) for r in rows]
@@ -296,7 +296,7 @@ def fits(rows: list[dict], n_boot: int) -> dict:
 
 
 def write_outputs(rows: list[dict], fit: dict, cfg: dict, config_path: Path, dest: Path, command: str) -> None:
-    from trainer import scaling_laws as sl
+    import laws as sl
 
     dest.mkdir(parents=True, exist_ok=True)
     with open(dest / "results.csv", "w", newline="") as f:
@@ -399,6 +399,12 @@ def main() -> None:
     ap.add_argument("--publish", type=Path, default=None,
                     help="also write results, fits, plot and README.md here (e.g. docs/results/capacity_gap_cpu)")
     args = ap.parse_args()
+    from laws import MissingExtraError, ensure_installed
+
+    try:        # the analysis runs after the sweep: refuse now rather than after an hour of training
+        ensure_installed()
+    except MissingExtraError as exc:
+        sys.exit(str(exc))
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

@@ -19,8 +19,8 @@ import math
 import numpy as np
 import pytest
 
-from trainer import scaling_laws as sl
-from trainer.scaling_laws import (
+import laws as sl
+from laws import (
     BUSBRIDGE_DISTILL,
     BUSBRIDGE_SUPERVISED,
     SWEEP_FIXED_DISTILL,
