@@ -68,13 +68,14 @@ def check_cache(reader, student_fp: str, flag: str) -> None:
 
 
 def pick_loss(requested: str | None, reader, flag: str = "--cache") -> str:
-    """The loss for this cache: `sampled` for a sampled cache, a top-k loss otherwise."""
+    """The loss for this cache's payload: `sampled` for draws, a top-k loss for top-k sets."""
+    draws = reader.payload == "samples"
     if requested is None:
-        return "sampled" if reader.sampled else LossConfig().loss
-    if reader.sampled and requested != "sampled":
+        return "sampled" if draws else LossConfig().loss
+    if draws and requested != "sampled":
         raise UserError(f"--loss {requested}: {flag} {reader.path} is a sampled cache (draws, no top-k); "
                         "use --loss sampled")
-    if not reader.sampled and requested == "sampled":
+    if not draws and requested == "sampled":
         raise UserError(f"--loss sampled: {flag} {reader.path} is a top-k cache ({reader.encoding.name}); "
                         "use forward_kl, reverse_kl or jsd")
     return requested
@@ -124,7 +125,7 @@ def run(args) -> int:
     eval_reader = None
     if args.eval_cache:
         eval_reader = CacheReader(args.eval_cache)
-        if eval_reader.sampled:
+        if eval_reader.payload != "topk":
             raise UserError(f"--eval-cache {args.eval_cache}: a sampled cache has no top-k to measure KL on; "
                             "use a top-k cache or --eval-data")
         check_cache(eval_reader, student_fp, "--eval-cache")
