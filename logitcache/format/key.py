@@ -19,7 +19,9 @@ def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict
     """sha256 over what determines a cache's content, and nothing else.
 
     The producer backend and library versions are left out on purpose: the same teacher run by
-    vLLM or by transformers over the same windows must land in the same cache.
+    vLLM or by transformers over the same windows must land in the same cache. The teacher's
+    `usable_vocab_size` enters only when it is below `vocab_size` (padding columns masked out, which
+    changes every value), so the keys of unpadded teachers' caches are what they always were.
     """
     identity = {
         "format_version": FORMAT_VERSION,
@@ -31,6 +33,9 @@ def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict
         "k": k,
         "encoding": {"name": encoding["name"], "params": encoding.get("params", {})},
     }
+    usable = teacher.get("usable_vocab_size")
+    if usable is not None and usable != teacher.get("vocab_size"):
+        identity["teacher"]["usable_vocab_size"] = usable
     return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 

@@ -26,6 +26,7 @@ import fcntl
 import gc
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from logitcache.backends.teacher import (
     describe_teacher,
     load_tokenizer,
     resolve_teacher,
+    usable_vocab_size,
 )
 from logitcache.data import Windows, prepare_windows
 from logitcache.encodings import DEFAULT_ENCODING, get_encoding
@@ -81,6 +83,11 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
         teacher = describe_teacher(name, rev, dtype, folder=folder)
         tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer_fits(tokenizer, teacher)
+        teacher["usable_vocab_size"] = usable = usable_vocab_size(tokenizer, teacher)
+        if usable < teacher["vocab_size"]:
+            print(f"{teacher['name_or_path']}: model has {teacher['vocab_size']} logit columns, tokenizer "
+                  f"{usable} tokens: columns {usable}..{teacher['vocab_size'] - 1} masked out (their mass "
+                  "excluded)", file=sys.stderr)
         check_k(k, teacher)
         check_seq_len(seq_len, teacher)
         plans.append((name, rev, teacher, tokenizer))
@@ -103,7 +110,8 @@ def produce(teachers: list[str], data: str, out: Path, k: int = 64, seq_len: int
         todo = [i for i in mine if i not in writer.completed()] if writer is not None else mine
         # 5. Load and run only when there is work.
         backend_args = dict(k=k, device=device, dtype=dtype, revision=rev, trust_remote_code=trust_remote_code,
-                            chunk_size=logits_chunk, seq_len=seq_len, **(backend_options or {}))
+                            chunk_size=logits_chunk, seq_len=seq_len,
+                            usable_vocab=header["teacher"]["usable_vocab_size"], **(backend_options or {}))
         if todo and engine != "local":   # teacher replicas elsewhere, writing through CacheWriter here
             from logitcache.produce.engines import run_engine
 
@@ -162,9 +170,10 @@ def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: d
            "eos_token_id": tokenizer.eos_token_id}
     data = {"source": windows.source, "text_column": text_column, "fingerprint": windows.fingerprint,
             "seq_len": windows.seq_len, "num_windows": windows.num_windows, "num_tokens": windows.num_tokens}
-    teacher = {f: teacher[f] for f in ("name_or_path", "revision", "architecture", "dtype", "num_parameters",
-                                       "config_sha256", "weights_fingerprint", "vocab_size",
-                                       "max_position_embeddings")}
+    teacher = {**{f: teacher[f] for f in ("name_or_path", "revision", "architecture", "dtype", "num_parameters",
+                                          "config_sha256", "weights_fingerprint", "vocab_size",
+                                          "max_position_embeddings")},
+               "usable_vocab_size": usable_vocab_size(tokenizer, teacher)}   # < vocab_size: padding masked
     return {"key": fmt.cache_key(teacher, tok, data, k, encoding), "k": k, "rows_per_shard": rows_per_shard,
             "num_shards": -(-windows.num_windows // rows_per_shard), "teacher": teacher, "tokenizer": tok,
             "data": data, "encoding": dict(encoding), "producer": {"backend": backend, "versions": _versions()}}
