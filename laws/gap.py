@@ -167,7 +167,7 @@ def fit_capacity_gap_runs(runs: Iterable[SweepRun | Mapping[str, float]], n_boot
     if within == "cell":
         # Resampled means of m repeats have (m-1)/m of the true variance; inflate the
         # deviations from each cell's mean by sqrt(m/(m-1)) so the interval is not too narrow.
-        for x, y, cs in zip(xs, ys, cells):
+        for y, cs in zip(ys, cells):
             for c in cs:
                 if len(c) > 1:
                     mu = y[c].mean()

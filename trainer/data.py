@@ -20,7 +20,7 @@ batches while the model trains) whose order never depends on the number of worke
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -156,7 +156,7 @@ def load_tokenizer(path, flag: str):
         raise UserError(f"{flag} {path}: no tokenizer saved in this folder")
     try:
         return AutoTokenizer.from_pretrained(p)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (whatever breaks the load, the folder is at fault: one line)
         raise UserError(f"{flag} {path}: tokenizer could not be loaded ({type(exc).__name__})") from None
 
 
@@ -171,7 +171,7 @@ def load_causal_lm(path, flag: str):
         raise UserError(f"{flag} {path}: not a model folder (no config.json)")
     try:
         return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (whatever breaks the load, the folder is at fault: one line)
         raise UserError(f"{flag} {path}: model could not be loaded ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]})") from None
 

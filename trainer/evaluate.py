@@ -34,7 +34,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _reduce(sums: list[float], device: torch.device) -> list[float]:
-    rank, world = _rank_world()
+    _, world = _rank_world()
     if world == 1:
         return sums
     t = torch.tensor(sums, dtype=torch.float64, device=device)

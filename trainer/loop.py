@@ -17,10 +17,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -227,14 +227,13 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
         t_pause = time.perf_counter()
         done = step >= last_step
         resumed_here = ckpt is not None and step == start_step
-        if evaluate is not None and not resumed_here:
-            if (cfg.eval_every and step % cfg.eval_every == 0) or done:
-                result = evaluate(model)
-                summary["eval"] = result
-                if log is not None:
-                    log.write({"kind": "eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}})
-                    bar.write(f"step {step}: " + ", ".join(f"eval_{k} {v:.4f}" for k, v in result.items()
-                                                         if isinstance(v, float)))
+        if evaluate is not None and not resumed_here and ((cfg.eval_every and step % cfg.eval_every == 0) or done):
+            result = evaluate(model)
+            summary["eval"] = result
+            if log is not None:
+                log.write({"kind": "eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}})
+                bar.write(f"step {step}: " + ", ".join(f"eval_{k} {v:.4f}" for k, v in result.items()
+                                                     if isinstance(v, float)))
         if step != start_step and ((cfg.save_every and step % cfg.save_every == 0) or done):
             rng = _gather_rng(env)
             if env.is_main:

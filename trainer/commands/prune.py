@@ -34,7 +34,7 @@ def parse_count(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*", text.lower())
     if not m:
         raise UserError(f"--target-params {text}: expected a count such as 3500000, 3.5M or 350k")
-    return int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
+    return round(float(m.group(1)) * _SUFFIX[m.group(2)])
 
 
 def resolve_model(spec: str) -> Path:
@@ -50,7 +50,7 @@ def resolve_model(spec: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(spec))
-    except Exception as exc:  # offline, unknown id, gated
+    except Exception as exc:  # noqa: BLE001  (offline, unknown id, gated: all mean "cannot fetch")
         raise UserError(f"--model {spec}: not a local folder and not fetchable from the hub "
                         f"({type(exc).__name__})") from None
 
