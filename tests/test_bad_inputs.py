@@ -117,6 +117,25 @@ def test_teacher_producing_nan_is_refused_before_any_shard(capsys, tmp_path, tin
     assert not [f for f in files(tmp_path / "out") if f.endswith(".parquet") or ".tmp-" in f]
 
 
+@pytest.mark.parametrize("cut", ["empty", "inside-length", "inside-header", "inside-data", "one-byte-short"])
+def test_truncated_safetensors_teacher_is_one_line_naming_the_file(capsys, tmp_path, tiny_teachers, corpus_dir, cut):
+    """An interrupted download: model.safetensors cut at several points. The header is checked
+    against the file's size where the producer first reads it (describing the teacher), before any
+    windows or cache are written."""
+    folder = tmp_path / "teacher"
+    shutil.copytree(tiny_teachers["llama"], folder)
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    n = int.from_bytes(whole[:8], "little")
+    size = {"empty": 0, "inside-length": 5, "inside-header": 8 + n // 2,
+            "inside-data": 8 + n + (len(whole) - 8 - n) // 2, "one-byte-short": len(whole) - 1}[cut]
+    weights.write_bytes(whole[:size])
+    line = one_line_error(capsys, logitcache_main, ["produce", "--teacher", folder, "--data", corpus_dir,
+                                                    "--out", tmp_path / "out", *SMALL], match=str(weights))
+    assert line.startswith("logitcache: error: ") and "truncated or corrupt" in line and "re-download" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_utf8_text_through_produce(capsys, tmp_path, tiny_teachers):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_bytes(b"Some text \xff\xfe\xfa that is not UTF-8 " * 50)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from logitcache.backends import Samples, TopK
-from logitcache.backends.teacher import check_k, describe_teacher, resolve_teacher
+from logitcache.backends.teacher import check_k, check_weight_files, describe_teacher, resolve_teacher
 from logitcache.backends.topk import topk_from_logits
 from logitcache.errors import UserError
 
@@ -57,6 +57,7 @@ class HFBackend:
             model = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
                                                          **_dtype_kwarg(torch_dtype))
         except Exception as exc:
+            check_weight_files(folder)   # a truncated safetensors file is named, not reported as a load error
             raise UserError(f"--teacher {name_or_path}: could not be loaded as a causal LM "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         self.model = model.eval().to(self.device)

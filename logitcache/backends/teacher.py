@@ -95,15 +95,67 @@ def weights_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (no tensor data read).
+
+    A safetensors file is an 8-byte little-endian header length n, n bytes of JSON giving each
+    tensor's `data_offsets` into the data that follows, and exactly that data. A file cut short
+    anywhere (inside the length, the header or the data: an interrupted download) or padded is a
+    UserError naming it, not a struct, JSON or safetensors error from deeper down.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+
+    def corrupt(detail: str) -> UserError:
+        return UserError(f"{path}: {detail}; the file looks truncated or corrupt (an interrupted "
+                         "download?): re-download it")
+
+    if size < 8:
+        raise corrupt(f"{size} bytes, shorter than the 8-byte header length of a safetensors file")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise corrupt(f"{size} bytes, but its header alone is {n} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise corrupt(f"its {n}-byte header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = meta.get("data_offsets") if isinstance(meta, dict) else None
+        shape = meta.get("shape") if isinstance(meta, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not isinstance(shape, list) or not all(isinstance(d, int) for d in shape)):
+            raise corrupt(f"its header entry {name!r:.60} has no valid shape and data_offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise corrupt(f"{size} bytes, but its header describes {8 + n + end} bytes")
+    return header
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every safetensors weight file in `folder` is whole (see read_safetensors_header)."""
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            read_safetensors_header(path)
+
+
 def _safetensors_parameters(files: list[Path]) -> int | None:
-    """Parameter count from safetensors headers (no tensor data read); None for other formats."""
+    """Parameter count from safetensors headers (no tensor data read); None for other formats.
+
+    Every safetensors file's header is read and checked against its size first, so a truncated
+    download is refused here, the first place the producer reads a weight file's contents.
+    """
+    headers = [read_safetensors_header(path) for path in files if path.suffix == ".safetensors"]
+    if len(headers) != len(files):
+        return None
     total = 0
-    for path in files:
-        if path.suffix != ".safetensors":
-            return None
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
+    for header in headers:
         for name, meta in header.items():
             if name != "__metadata__":
                 count = 1
