@@ -34,7 +34,7 @@ def payload_of(batch: Mapping[str, object]) -> Payload:
     if len(found) != 1:
         expected = " or ".join("/".join(keys) for keys in PAYLOAD_KEYS.values())
         raise ValueError(f"a cache batch carries {expected}; this one has keys {sorted(batch)}")
-    return found[0]  # type: ignore[return-value]
+    return found[0]
 
 
 def batch_distill_loss(
@@ -71,7 +71,7 @@ def batch_distill_loss(
         k = batch["topk_ids"].shape[-1]
         return distill_loss(flat, batch["topk_ids"].reshape(n, k), batch["topk_logprobs"].reshape(n, k),
                             batch["tail_logmass"].reshape(n), labels, mask,
-                            kind=kind, alpha_ce=alpha_ce, temperature=temperature,  # type: ignore[arg-type]
+                            kind=kind, alpha_ce=alpha_ce, temperature=temperature,
                             renormalize_topk=renormalize_topk, beta=beta, chunk_size=chunk_size)
     s = batch["sample_ids"].shape[-1]
     kd = sampled_kd_loss(flat, batch["sample_ids"].reshape(n, s), batch["sample_counts"].reshape(n, s), mask)
