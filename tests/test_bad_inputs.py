@@ -22,6 +22,7 @@ from logitcache import format as fmt
 from logitcache.backends.hf import HFBackend
 from logitcache.cli import main as logitcache_main
 from logitcache.errors import UserError
+from test_backend_vllm import needs_vllm
 from test_produce import REPO, SMALL, cli_command, cli_env, one_thread, snapshot  # noqa: F401
 from trainer.cli import main as trainer_main
 
@@ -134,6 +135,28 @@ def test_truncated_safetensors_teacher_is_one_line_naming_the_file(capsys, tmp_p
                                                     "--out", tmp_path / "out", *SMALL], match=str(weights))
     assert line.startswith("logitcache: error: ") and "truncated or corrupt" in line and "re-download" in line
     assert not (tmp_path / "out").exists()
+
+
+@needs_vllm
+def test_teacher_vllm_cannot_run_is_one_line_naming_the_hf_fallback(tmp_path, tiny_teachers, corpus_dir):
+    """The tiny Llama has attention heads of 8: vLLM's CPU attention has no kernel for them, and says
+    so only at the first forward pass (RuntimeError: Unsupported CPU attention configuration:
+    head_dim=8), after the engine started. In a fresh process, as a user runs it: exit 2, one error
+    line naming the failure and `--backend hf`, no traceback, no cache folder (the windows, made
+    before the teacher starts, stay for the next run). vLLM and torch print a few lines of their own
+    at start-up (a Triton notice, a NUMA binding warning, deprecation warnings); they are not ours."""
+    out = tmp_path / "out"
+    done = subprocess.run(cli_command("--teacher", str(tiny_teachers["llama"]), "--data", str(corpus_dir),
+                                      "--out", str(out), "--backend", "vllm", "--max-windows", "4", *SMALL),
+                          env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "[rank0]" not in done.stderr, done.stderr
+    errors = [line for line in lines if line.startswith("logitcache: error: ")]
+    assert errors == lines[-1:], done.stderr
+    assert f"--teacher {tiny_teachers['llama']}: vLLM could not run it (RuntimeError: " in errors[0]
+    assert "head_dim=8" in errors[0] and errors[0].endswith("--backend hf is the fallback")
+    assert sorted(p.name for p in out.iterdir()) == ["windows"]
 
 
 def test_non_utf8_text_through_produce(capsys, tmp_path, tiny_teachers):

@@ -101,6 +101,12 @@ def make_backend(name: str, teacher: str, *, k: int, device: str = "cpu", dtype:
     raise AssertionError(name)
 
 
+def exception_line(exc: BaseException) -> str:
+    """`ClassName: first non-empty line of the message` (cut at 300 characters), for one-line errors."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
 def quiet_libraries() -> None:
     """Library progress bars and advice would bury the one line a user needs on stderr."""
     import transformers

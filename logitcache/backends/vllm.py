@@ -25,6 +25,10 @@ through the engine's `worker_extension_cls`, called with `collective_rpc` so it 
 processes) lowers `org_vocab_size` to the usable vocabulary once the model is loaded, so the padding
 columns are cut before the softmax, as the hf backend cuts them.
 
+Start-up: the engine is built and then asked for one two-token prompt's log-probs (a probe), so a
+teacher vLLM cannot run (an attention head size its kernels lack, say) fails before any cache
+folder is written, as one UserError naming the exception and the `--backend hf` fallback.
+
 Engine settings: prefix caching off (prompt log-probs need every position computed), chunked prefill
 bounded by `max_num_batched_tokens` (vLLM materialises [tokens, vocab] float32 log-probs per step),
 `max_logprobs=k`. On a machine without CUDA it runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`),
@@ -41,7 +45,7 @@ import sys
 
 import numpy as np
 
-from logitcache.backends import TopK
+from logitcache.backends import TopK, exception_line
 from logitcache.backends.teacher import check_k, describe_teacher, resolve_teacher
 from logitcache.errors import UserError
 
@@ -229,6 +233,7 @@ class VLLMBackend:
         padded = usable_vocab is not None and usable_vocab < self.teacher["vocab_size"]
         if padded:
             wanted["worker_extension_cls"] = MASK_EXTENSION
+        wanted["use_tqdm_on_load"] = False   # a progress bar per start would bury one-line errors
         if max_num_batched_tokens is not None:
             wanted["max_num_batched_tokens"] = max_num_batched_tokens
             wanted["enable_chunked_prefill"] = True
@@ -264,8 +269,9 @@ class VLLMBackend:
         try:
             self.llm = LLM(model=str(folder), **engine_kwargs)
         except Exception as exc:
-            raise UserError(f"--teacher {name_or_path}: vLLM could not start it ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from None
+            self.close()   # a half-started engine holds the distributed state a later engine needs
+            raise UserError(f"--teacher {name_or_path}: vLLM could not start it ({exception_line(exc)}); "
+                            "--backend hf is the fallback") from None
         finally:
             if past_context and user_long is None:
                 os.environ.pop(LONG_MAX_MODEL_LEN, None)
@@ -287,7 +293,21 @@ class VLLMBackend:
                 self.close()
                 raise UserError(f"--teacher {name_or_path}: vLLM computes this model's logits without the "
                                 f"layer the padding mask needs (columns {self.usable}.."
-                                f"{self.teacher['vocab_size'] - 1} would be cached); use --backend hf")
+                                f"{self.teacher['vocab_size'] - 1} would be cached); --backend hf is the fallback")
+        self._probe(name_or_path)
+        self._ran = False
+
+    def _probe(self, name_or_path: str) -> None:
+        """One two-token prompt through the engine: a teacher vLLM cannot run fails here, at start-up,
+        before the producer writes anything, as one line."""
+        window = np.zeros((1, 2), dtype=np.int32)
+        try:
+            outputs = self.llm.generate([{"prompt_token_ids": window[0].tolist()}], self.params, use_tqdm=False)
+            flat_to_topk([o.prompt_logprobs for o in outputs], window, self.k, self.usable)
+        except Exception as exc:
+            self.close()
+            raise UserError(f"--teacher {name_or_path}: vLLM could not run it ({exception_line(exc)}); "
+                            "--backend hf is the fallback") from None
 
     def describe(self) -> dict:
         """The manifest's `teacher` object: the same dict the hf backend gives for this checkpoint."""
@@ -306,7 +326,16 @@ class VLLMBackend:
             raise ValueError(f"windows must be [B, seq_len + 1] with seq_len >= 1, got {windows.shape}")
         check_window_fits(windows.shape[1], self.max_model_len - 1, self.teacher["name_or_path"])
         prompts = [{"prompt_token_ids": row} for row in windows.tolist()]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        except Exception as exc:
+            if self._ran:
+                raise
+            # the first full-size batch can still fail where the probe did not (a longer prompt,
+            # chunked prefill): one line too, with the fallback
+            raise UserError(f"--teacher {self.teacher['name_or_path']}: vLLM could not run it "
+                            f"({exception_line(exc)}); --backend hf is the fallback") from None
+        self._ran = True
         return flat_to_topk([o.prompt_logprobs for o in outputs], windows, self.k, self.usable)
 
     def close(self) -> None:
