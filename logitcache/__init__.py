@@ -10,9 +10,14 @@ Names load on first use, so `import logitcache` stays cheap (no torch, no transf
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Messages go to the `logitcache` logger; embedded, the library prints nothing unless its user
+# configures logging (the CLIs print them on stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _EXPORTS = {
     # reading
@@ -23,9 +28,9 @@ _EXPORTS = {
     "inspect_cache": "logitcache.read.summary",
     "verify_cache": "logitcache.verify",
     # producing
-    "produce": "logitcache.produce.pipeline",
-    "ProduceConfig": "logitcache.produce.config",
-    "CacheWriter": "logitcache.produce.writer",
+    "produce": "logitcache.producer.pipeline",
+    "ProduceConfig": "logitcache.producer.config",
+    "CacheWriter": "logitcache.producer.writer",
     # the format
     "Manifest": "logitcache.format.manifest",
     "TopK": "logitcache.format.payloads",
@@ -35,6 +40,7 @@ _EXPORTS = {
     "pull": "logitcache.share.pull",
     # errors
     "UserError": "logitcache.errors",
+    "SettingError": "logitcache.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
-from logitcache.errors import UserError
+from logitcache.errors import SettingError, UserError
 
 COMMANDS = {
     "produce": "run teachers over a corpus and write their top-k caches",
@@ -34,11 +35,45 @@ def build_parser(prog: str, package: str, commands: dict[str, str], description:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Library messages as plain lines on whatever `sys.stderr` is at the time of each message."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:   # StreamHandler.__init__ sets it; the property always wins
+        pass
+
+
+def show_library_messages(*packages: str) -> None:
+    """Print the packages' log messages (INFO and up) on stderr: the library speaks through
+    `logging` and is quiet when embedded; a command line shows what it says."""
+    for name in packages:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def option_label(setting: str) -> str:
+    """The command-line option of a library setting: `seq_len` -> `--seq-len`."""
+    return "--" + setting.replace("_", "-")
+
+
 def run_cli(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse and dispatch; a UserError becomes `prog: error: ...` on stderr and exit status 2."""
+    """Parse and dispatch; a UserError becomes `prog: error: ...` on stderr and exit status 2 (a
+    SettingError names the setting by its option)."""
     args = parser.parse_args(argv)
+    show_library_messages("logitcache", prog)
     try:
         return int(args._run(args) or 0)
+    except SettingError as exc:
+        print(f"{prog}: error: {exc.render(option_label(exc.setting))}", file=sys.stderr)
+        return 2
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ Measured, best of `--repeats` runs each, alternating so both see the same machin
 
 - forward: `model(input_ids).logits` in inference mode over the same batches (a plain
   transformers forward, full [B, T, V] logits, nothing reduced or written);
-- produce: `logitcache.produce` end to end into a fresh folder (windows already
+- produce: `logitcache.producer` end to end into a fresh folder (windows already
   tokenized; model load, top-k + exact tail, encoding, zstd, sha256, fsync and manifest included);
 - compute: the backend alone (`HFBackend.run` over the same batches, model already loaded): body,
   chunked LM head, top-k and tail, without writing, to tell compute overhead from I/O and setup;
@@ -36,8 +36,6 @@ best of the repeats; on a shared machine take them from an idle moment.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import sys
@@ -47,10 +45,10 @@ from pathlib import Path
 
 import torch
 
+from logitcache import ProduceConfig, produce
 from logitcache.backends.hf import HFBackend
-from logitcache.data import prepare_windows
-from logitcache.produce.pipeline import produce
 from logitcache.backends.teacher import load_tokenizer
+from logitcache.data import prepare_windows
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo-teacher"
 TARGET = 1.10
@@ -155,11 +153,12 @@ def main() -> None:
         def run_producer(name: str, windows: int) -> tuple[Timer, Path]:
             out = work / name
             shutil.copytree(work / "windows-root", out)          # windows ready, as on a re-run
-            with Timer() as t, contextlib.redirect_stdout(io.StringIO()):   # it prints the cache's path
-                (cache,) = produce([str(teacher)], args.data, out, k=args.k, seq_len=args.seq_len,
-                                   device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                   rows_per_shard=args.rows_per_shard, encoding=args.encoding,
-                                   max_windows=windows, progress=False)
+            config = ProduceConfig(teachers=(str(teacher),), data=args.data, out=out, k=args.k,
+                                   seq_len=args.seq_len, device=args.device, dtype=args.dtype,
+                                   batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+                                   encoding=args.encoding, max_windows=windows, progress=False)
+            with Timer() as t:
+                (cache,) = produce(config)
             return t, cache
 
         def run_backend(windows) -> Timer:

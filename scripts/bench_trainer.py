@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from logitcache import format as fmt  # noqa: E402
 from logitcache.read.reader import CacheReader  # noqa: E402
 from logitcache.backends.topk import topk_from_logits  # noqa: E402
-from logitcache.produce.writer import CacheWriter  # noqa: E402
+from logitcache.producer.writer import CacheWriter  # noqa: E402
 from trainer.commands.distill import make_kd_loss  # noqa: E402
 from trainer.commands.pretrain import make_ce_loss  # noqa: E402
 from trainer.config import LossConfig, RunConfig, TrainConfig  # noqa: E402

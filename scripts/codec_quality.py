@@ -134,9 +134,9 @@ def reencode(exact: Path, encoding: str, root: Path) -> Path:
 
     from logitcache import format as fmt
     from logitcache.encodings import get_encoding
-    from logitcache.produce.pipeline import fit_encoding
+    from logitcache.producer.header import fit_encoding
     from logitcache.read.reader import CacheReader
-    from logitcache.produce.writer import CacheWriter
+    from logitcache.producer.writer import CacheWriter
 
     src = CacheReader(exact)
     m = src.manifest

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from logitcache import format as fmt
-from logitcache.produce.claims import ShardClaims, claim_name
+from logitcache.producer.claims import ShardClaims, claim_name
 from logitcache.verify import verify_cache
 from test_produce import REPO, cache_bytes, cli_command, cli_env, one_thread, produce  # noqa: F401
 
@@ -66,7 +66,7 @@ def test_two_producers_started_together_split_the_work(capsys, tmp_path, slower_
 
 def test_ctrl_c_while_a_claim_is_written_leaves_no_claim(tmp_path, monkeypatch):
     """Ctrl-C can land between creating a claim file and finishing it; close() must still remove it."""
-    import logitcache.produce.claims as claims_module
+    import logitcache.producer.claims as claims_module
 
     cache = tmp_path / "c"
     cache.mkdir()

@@ -459,7 +459,7 @@ def test_through_cache_writer_and_reader(tmp_path, name):
     encoding decodes it directly, and within the KL budget of the exact arrays."""
     from logitcache import format as fmt
     from logitcache.read.reader import CacheReader
-    from logitcache.produce.writer import CacheWriter
+    from logitcache.producer.writer import CacheWriter
     from test_writer import VOCAB, make_header, synthetic_shard
 
     h = make_header(num_windows=40, rows_per_shard=16)

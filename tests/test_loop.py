@@ -25,7 +25,7 @@ from logitcache.errors import UserError
 from logitcache.read.reader import CacheReader
 from logitcache.backends.teacher import describe_teacher
 from logitcache.backends.topk import topk_from_logits
-from logitcache.produce.writer import CacheWriter
+from logitcache.producer.writer import CacheWriter
 from trainer.checkpoint import optimizer_from_flat, optimizer_to_flat
 from trainer.cli import main as trainer_main
 from trainer.config import RunConfig, TrainConfig, resume_differences

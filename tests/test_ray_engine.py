@@ -17,7 +17,7 @@ import torch
 
 from logitcache import format as fmt
 from logitcache.cli import main
-from logitcache.produce.pipeline import produce
+from logitcache import ProduceConfig, produce
 from logitcache.verify import verify_cache
 
 ray = pytest.importorskip("ray")
@@ -37,8 +37,8 @@ def _files(cache: Path) -> dict[str, bytes]:
 
 
 def _produce(teacher: Path, corpus: Path, out: Path, **kw) -> Path:
-    return produce([str(teacher)], str(corpus), out, k=K, seq_len=SEQ, batch_size=4, rows_per_shard=RPS,
-                   max_windows=WINDOWS, backend="hf", progress=False, **kw)[0]
+    return produce(ProduceConfig(teachers=(str(teacher),), data=str(corpus), out=out, k=K, seq_len=SEQ, batch_size=4,
+                                 rows_per_shard=RPS, max_windows=WINDOWS, backend="hf", progress=False, **kw))[0]
 
 
 @pytest.fixture(scope="module")

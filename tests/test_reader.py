@@ -25,7 +25,7 @@ from logitcache.errors import UserError
 from logitcache.read.reader import CacheReader, open_cache
 from logitcache.read.summary import inspect_cache
 from logitcache.verify import verify_cache
-from logitcache.produce.writer import CacheWriter
+from logitcache.producer.writer import CacheWriter
 from test_writer import make_header, synthetic_windows, write_cache
 
 COLUMNS = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs", "tail_logmass")

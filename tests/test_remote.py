@@ -194,7 +194,7 @@ def test_hub_paths_offline(monkeypatch):
     fs, root = filesystem("hf://datasets/someone/cache-repo/sub")
     assert type(fs).__name__ == "HfFileSystem" and root == "datasets/someone/cache-repo/sub"
     assert not atomic_renames(fs)            # each Hub upload is an atomic commit: no temporary names
-    with pytest.raises(UserError, match="--endpoint-url: only for s3"):
+    with pytest.raises(UserError, match="endpoint_url: only for s3"):
         storage_options_for("hf://datasets/a/b", "http://127.0.0.1:1")
     with pytest.raises(UserError, match="not a URL"):
         filesystem("relative/folder")

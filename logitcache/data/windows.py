@@ -18,7 +18,7 @@ import numpy as np
 
 from logitcache.data.corpus import iter_documents, resolve_source
 from logitcache.data.tokenizer import tokenizer_fingerprint
-from logitcache.errors import UserError
+from logitcache.errors import SettingError, UserError
 from logitcache.format.atomic import atomic_write, atomic_write_json
 
 
@@ -99,7 +99,7 @@ def prepare_windows(source: str, tokenizer, seq_len: int, root: Path | None = No
     seq_len, so any teacher of the same tokenizer reuses it instead of tokenizing again.
     """
     if seq_len < 1:
-        raise UserError(f"--seq-len {seq_len}: must be at least 1")
+        raise SettingError("seq_len", seq_len, "must be at least 1")
     tok_fp = tokenizer_fingerprint(tokenizer)
     files, canonical = resolve_source(source, home)
     spec = {"source": canonical, "text_column": text_column, "tokenizer": tok_fp, "seq_len": seq_len,
@@ -120,7 +120,7 @@ def prepare_windows(source: str, tokenizer, seq_len: int, root: Path | None = No
                                 batch=1 if max_windows is not None else 64)
     tokens = pack_windows(docs, tokenizer.eos_token_id, seq_len, max_windows)
     if len(tokens) == 0:
-        raise UserError(f"--data {source}: corpus is empty or shorter than one window of "
+        raise SettingError("data", source, f"corpus is empty or shorter than one window of "
                         f"{seq_len + 1} tokens")
     fp = windows_fingerprint(tokens)
     if target is not None:

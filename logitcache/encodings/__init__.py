@@ -6,7 +6,12 @@ parameters, and the reader decodes with exactly those, so a cache always describ
 """
 
 from logitcache.encodings import adaptive, compact, plain, sampled  # noqa: F401  (each registers its codecs)
-from logitcache.encodings.registry import (DEFAULT_ENCODING, Encoding, available_encodings, get_encoding,
-                                           register)
+from logitcache.encodings.registry import (
+                                           DEFAULT_ENCODING,
+                                           Encoding,
+                                           available_encodings,
+                                           get_encoding,
+                                           register,
+)
 
 __all__ = ["DEFAULT_ENCODING", "Encoding", "available_encodings", "get_encoding", "register"]

@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import kernels
-from logitcache.encodings.registry import register
 from logitcache.encodings.bytes import (
     frame_fields,
     gaps_from_sorted,
@@ -38,6 +37,7 @@ from logitcache.encodings.bytes import (
     stream_fields,
 )
 from logitcache.encodings.compact import _logsumexp_rows, _SetCodec
+from logitcache.encodings.registry import register
 from logitcache.errors import UserError
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.encodings import kernels
-from logitcache.encodings.registry import register
 from logitcache.encodings.bytes import (
     RANK_TABLE_MAX,
     check_vocab_and_table,
@@ -35,6 +34,7 @@ from logitcache.encodings.bytes import (
     put_stream,
     stream_fields,
 )
+from logitcache.encodings.registry import register
 from logitcache.errors import UserError
 
 TAIL_ZERO = 0           # stored code: the tail is exactly 0 (log T = -inf), e.g. k == vocab

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from logitcache.encodings.registry import register
 from logitcache.encodings.bytes import (
     RANK_TABLE_MAX,
     check_vocab_and_table,
@@ -35,6 +34,7 @@ from logitcache.encodings.bytes import (
     sorted_from_gaps,
     stream_fields,
 )
+from logitcache.encodings.registry import register
 from logitcache.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where samples are drawn, not by readers of the format

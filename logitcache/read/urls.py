@@ -6,7 +6,7 @@ import hashlib
 import re
 from typing import Any
 
-from logitcache.errors import UserError
+from logitcache.errors import SettingError, UserError
 
 CHUNK = 8 << 20                   # bytes per read/hash step
 MAX_MANIFEST_BYTES = 256 << 20    # a manifest lists ~200 B per shard: far more than any real cache
@@ -38,7 +38,7 @@ def storage_options_for(url: str, endpoint_url: str | None = None, options: dict
     out = dict(options or {})
     if endpoint_url:
         if not str(url).startswith(("s3://", "s3a://")):
-            raise UserError(f"--endpoint-url: only for s3:// URLs, not {url}")
+            raise SettingError("endpoint_url", None, f"only for s3:// URLs, not {url}")
         out["endpoint_url"] = endpoint_url
     return out
 

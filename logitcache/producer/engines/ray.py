@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.errors import UserError
-from logitcache.produce.writer import CacheWriter
+from logitcache.errors import SettingError, UserError
+from logitcache.format.manifest import Manifest
+from logitcache.producer.header import with_loaded_model
+from logitcache.producer.writer import CacheWriter
 
 
 class TeacherActor:
@@ -41,9 +43,9 @@ class TeacherActor:
     def describe(self) -> tuple[dict, dict]:
         return self.model.describe(), self.model.versions()
 
-    def run(self, cache_dir: str, header: dict, tokens: np.ndarray, todo: list[int], batch_size: int,
+    def run(self, cache_dir: str, header: Manifest, tokens: np.ndarray, todo: list[int], batch_size: int,
             sample: int) -> int:
-        from logitcache.produce.run import run_shards
+        from logitcache.producer.run import run_shards
 
         writer = CacheWriter(cache_dir, header)
         run_shards(self.model, writer, tokens, todo, batch_size, progress=False, sample=sample)
@@ -56,7 +58,7 @@ def _user_error(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, UserError) else exc
 
 
-def run_ray(backend: str, teacher: str, backend_args: dict, header: dict, cache_dir: Path, tokens: np.ndarray,
+def run_ray(backend: str, teacher: str, backend_args: dict, header: Manifest, cache_dir: Path, tokens: np.ndarray,
             todo: list[int], batch_size: int, *, sample: int = 0, progress: bool = True, actors: int | None = None,
             address: str | None = None, cpus_per_actor: float = 1.0) -> CacheWriter:
     """Compute the shards `todo` of the cache `cache_dir` on Ray actors; returns the cache's writer.
@@ -68,7 +70,7 @@ def run_ray(backend: str, teacher: str, backend_args: dict, header: dict, cache_
     try:
         import ray
     except ImportError:
-        raise UserError("--engine ray: ray is not installed (pip install 'logitcache[ray]')") from None
+        raise SettingError("engine", "ray", "ray is not installed (pip install 'logitcache[ray]')") from None
     from tqdm import tqdm
 
     gpu = str(backend_args.get("device", "cpu")).startswith("cuda")
@@ -79,12 +81,12 @@ def run_ray(backend: str, teacher: str, backend_args: dict, header: dict, cache_
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         except ConnectionError as exc:
-            raise UserError(f"--ray-address {address}: cannot connect ({exc})") from None
+            raise SettingError("ray_address", address, f"cannot connect ({exc})") from None
     handles = []
     try:
         n = actors or (int(ray.cluster_resources().get("GPU", 0)) if gpu else 1)
         if n < 1:
-            raise UserError("--engine ray: the cluster has no GPU for a cuda teacher; use --device cpu or --ray-actors")
+            raise SettingError("engine", "ray", "the cluster has no GPU for a cuda teacher; use --device cpu or --ray-actors")
         n = min(n, len(todo))
         Actor = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)(TeacherActor)
         handles = [Actor.remote(backend, teacher, args) for _ in range(n)]
@@ -92,12 +94,7 @@ def run_ray(backend: str, teacher: str, backend_args: dict, header: dict, cache_
             loaded, versions = ray.get([h.describe.remote() for h in handles])[0]
         except ray.exceptions.RayError as exc:
             raise _user_error(exc) from None
-        if loaded["vocab_size"] != header["teacher"]["vocab_size"]:
-            raise UserError(f"--teacher {teacher}: config.json says vocab_size {header['teacher']['vocab_size']} "
-                            f"but the LM head has {loaded['vocab_size']} rows")
-        header["producer"]["versions"].update(versions)
-        if header["teacher"]["num_parameters"] is None:
-            header["teacher"]["num_parameters"] = loaded["num_parameters"]
+        header = with_loaded_model(header, loaded, versions)
         writer = CacheWriter(cache_dir, header)
         done = writer.completed()
         todo = [i for i in todo if i not in done]

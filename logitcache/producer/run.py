@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import sys
 import threading
@@ -11,7 +12,9 @@ import time
 import numpy as np
 
 from logitcache.errors import UserError
-from logitcache.produce.writer import CacheWriter
+from logitcache.producer.writer import CacheWriter
+
+log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 2
 
@@ -29,7 +32,7 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
     """
     from tqdm import tqdm
 
-    from logitcache.produce.claims import ShardClaims
+    from logitcache.producer.claims import ShardClaims
 
     plan = writer.manifest              # the writer thread replaces writer.manifest as shards land
     rps, seq_len = plan.rows_per_shard, writer.seq_len
@@ -115,8 +118,8 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
         raise _writer_error(writer, failure[0])
     claims.sweep(writer.completed())        # claims left on finished shards by killed producers
     if len(claims.written) < len(todo):
-        print(f"{desc or writer.cache_dir}: {len(claims.written)} of {len(todo)} shards written by this process, "
-              "the others by another producer of this cache", file=sys.stderr)
+        log.warning("%s: %d of %d shards written by this process, the others by another producer of this cache",
+                    desc or writer.cache_dir, len(claims.written), len(todo))
 
 
 def _batches(rows: int, batch_size: int, bar, seq_len: int, start: float):

@@ -1,4 +1,4 @@
-"""Where the teacher runs: `local` (this process, logitcache.produce.run.run_shards) or `ray` (actors
+"""Where the teacher runs: `local` (this process, logitcache.producer.run.run_shards) or `ray` (actors
 holding teacher replicas across a Ray cluster, engines/ray_engine.py). Every engine writes through
 CacheWriter into the same folder, so the manifest, resume and checksums are the same whichever ran."""
 
@@ -10,7 +10,7 @@ ENGINE_CHOICES = ("local", "ray")
 def run_engine(engine: str, *args, **kwargs):
     """Run the shards `todo` of one cache on a non-local engine; returns the cache's CacheWriter."""
     if engine == "ray":
-        from logitcache.produce.engines.ray import run_ray
+        from logitcache.producer.engines.ray import run_ray
 
         return run_ray(*args, **kwargs)
     raise ValueError(f"unknown engine {engine!r}")

@@ -1,5 +1,5 @@
 """Producing caches: rows x teachers -> backend -> shards, resumable and shared between producers."""
 
-from logitcache.produce.pipeline import produce
+from logitcache.producer.pipeline import produce
 
 __all__ = ["produce"]
