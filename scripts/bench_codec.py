@@ -65,9 +65,8 @@ def pin_one_core() -> None:
 
 
 def load_teacher(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -215,7 +214,7 @@ def bench_teacher(path: Path, args, train_tokens_source: str) -> dict:
     print(f"teacher: mean top-1 {p[:, 0].mean():.3f}, mean top-{args.k} mass {p.sum(1).mean():.3f}, "
           f"positions with top-{args.k} mass > 0.99: {(p.sum(1) > 0.99).mean():.1%}")
     levels = () if args.quick else (19,)
-    rows, results = [], {}
+    results = {}
     print("| encoding | B/token zstd-3 | B/token shipped (level) | B/token zstd-19 | shipped x baseline "
           "| encode tok/s | decode tok/s | mean KL | max KL | notes |")
     print("|" + "---|" * 10)

@@ -107,7 +107,8 @@ def main() -> None:
                          "(assets/demo-teacher; random weights of its shape if the file is missing)")
     ap.add_argument("--teacher", default=None, help="teacher folder (overrides --shape)")
     ap.add_argument("--data", default="shakespeare:train", help="corpus (default shakespeare:train)")
-    ap.add_argument("--windows", type=int, default=None, help="windows to run (default 256; 32 with --quick; x4 with --shape demo)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="windows to run (default 256; 32 with --quick; x4 with --shape demo)")
     ap.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
     ap.add_argument("--k", type=int, default=64, help="top-k (default 64)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
@@ -118,7 +119,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice, one per core); 1 gives steadier figures "
                          "on a busy machine")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs of each, best kept (default 3; 2 with --quick)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs of each, best kept (default 3; 2 with --quick)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,8 +198,9 @@ def main() -> None:
                   "produce_s": round(prod, 3), "forward_s": round(fwd, 3), "compute_s": round(comp, 3),
                   "fixed_costs_s": round(fixed, 3), "fixed_costs_cpu_s": round(fixed_cpu, 3),
                   "produce_tokens_per_s": round(n_tokens / prod), "forward_tokens_per_s": round(n_tokens / fwd),
-                  "tokens": n_tokens, "teacher": label, "teacher_parameters": sum(p.numel() for p in model.parameters()), "k": args.k, "seq_len": args.seq_len,
-                  "batch_size": args.batch_size, "encoding": args.encoding, "device": args.device,
+                  "tokens": n_tokens, "teacher": label,
+                  "teacher_parameters": sum(p.numel() for p in model.parameters()), "k": args.k,
+                  "seq_len": args.seq_len, "batch_size": args.batch_size, "encoding": args.encoding, "device": args.device,
                   "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": repeats}
         print(json.dumps(result))
     finally:

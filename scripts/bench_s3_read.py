@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def start_moto() -> tuple[subprocess.Popen, dict]:
             break
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit("moto server did not start (pip install 'moto[server]')")
+                raise SystemExit("moto server did not start (pip install 'moto[server]')") from None
             time.sleep(0.2)
     options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench",
                "client_kwargs": {"region_name": "us-east-1"}}

@@ -258,7 +258,8 @@ def sweep(cfg: dict, work: Path) -> list[dict]:
                     "student": student["name"], "student_params": n_s, "student_tokens": student_tokens,
                     "pruned_from": student["prune_from"], "student_init_loss": init_ce, "seed": seed,
                     "teacher": name, "teacher_params": t_params[name], "teacher_tokens": teacher_tokens,
-                    "teacher_loss": t_loss[name], "student_loss": s.heldout_ce(run, f"{student['name']}-{name}-seed{seed}"),
+                    "teacher_loss": t_loss[name],
+                    "student_loss": s.heldout_ce(run, f"{student['name']}-{name}-seed{seed}"),
                     "ce_only_loss": ce_only})
     print(f"sweep finished in {(time.time() - s.t0) / 60:.1f} min", flush=True)
     return rows

@@ -231,7 +231,7 @@ def chaos_trainer(work: Path, command: str, args: list[str], kills: int, rng: ra
         kind = "checkpoint-write" if attempts % 2 == 0 else "delay"
         if kind == "delay":
             start, at = time.monotonic(), rng.uniform(0.3, span)
-            trigger = lambda: time.monotonic() - start >= at
+            trigger = lambda start=start, at=at: time.monotonic() - start >= at
         else:
             trigger = lambda: any(n.startswith((".checkpoint.tmp-", ".checkpoint.old-")) for n in _names(out))
         killed, proc = run_and_kill([*cli, "--out", str(out), "--resume"], trigger)

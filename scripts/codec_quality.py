@@ -72,20 +72,18 @@ def choose_S(teacher: Path, work: Path, seq_len: int, target: float, windows: in
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
 
     from logitcache.backends.hf import HFBackend
     from logitcache.data import prepare_windows
     from logitcache.encodings import get_encoding
-    from logitcache.encodings.sampled import window_uniforms
-
-    import torch
-
-    from logitcache.encodings.sampled import draw_samples_at
+    from logitcache.encodings.sampled import draw_samples_at, window_uniforms
 
     backend = HFBackend(str(teacher), k=1, dtype="float32")
     tok = prepare_windows("shakespeare:train", _tokenizer(teacher), seq_len, work, max_windows=windows).tokens
     with torch.inference_mode():         # the logits once; each S draws from them as the producer does
-        hidden = backend.hidden_states(torch.as_tensor(tok[:, :-1], dtype=torch.long)).reshape(-1, backend.head.in_features)
+        hidden = backend.hidden_states(torch.as_tensor(tok[:, :-1], dtype=torch.long))
+        hidden = hidden.reshape(-1, backend.head.in_features)
         logits = [backend.head(hidden[a:a + 512]).float() for a in range(0, len(hidden), 512)]
     sizes = {}
     for S in S_CANDIDATES:
@@ -135,8 +133,8 @@ def reencode(exact: Path, encoding: str, root: Path) -> Path:
     from logitcache import format as fmt
     from logitcache.encodings import get_encoding
     from logitcache.producer.header import fit_encoding
-    from logitcache.read.reader import CacheReader
     from logitcache.producer.writer import CacheWriter
+    from logitcache.read.reader import CacheReader
 
     src = CacheReader(exact)
     m = src.manifest
@@ -184,7 +182,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="training windows cached (default 2048; 512 quick)")
     ap.add_argument("--steps", type=int, default=None, help="student steps (default 256; 100 quick)")
     ap.add_argument("--batch-size", type=int, default=None, help="windows per student step (default 8; 4 quick)")
-    ap.add_argument("--eval-windows", type=int, default=None, help="held-out windows per corpus (default 200; 48 quick)")
+    ap.add_argument("--eval-windows", type=int, default=None,
+                    help="held-out windows per corpus (default 200; 48 quick)")
     ap.add_argument("--k", type=int, default=64, help="top-k of the top-k caches (default %(default)s)")
     ap.add_argument("--S", type=int, default=None, help="draws per position of the sampled cache "
                     "(default: chosen so its bytes/token match compact's)")

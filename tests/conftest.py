@@ -60,8 +60,16 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, context: int = TINY_CONTEXT):
     """A randomly initialised causal LM of the given family, hidden 32, 2 layers, 4 heads."""
     import torch
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch == "llama":

@@ -71,4 +71,5 @@ def test_a_planted_violation_breaks_a_contract(copy_of_packages, module, line, c
 def test_a_planted_cycle_is_found(copy_of_packages):
     plant(copy_of_packages, "logitcache.format.schema", "import logitcache.format.manifest")
     result = run([sys.executable, "-c", FIND_CYCLES], copy_of_packages)
-    assert "cycle: logitcache.format.schema -> logitcache.format.manifest" in result.stdout, result.stdout + result.stderr
+    expected = "cycle: logitcache.format.schema -> logitcache.format.manifest"
+    assert expected in result.stdout, result.stdout + result.stderr

@@ -19,9 +19,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from logitcache.backends import TopK, make_backend, resolve_backend_name
 from logitcache.backends.hf import HFBackend, default_logits_chunk
+from logitcache.backends.teacher import (
+    check_seq_len,
+    check_tokenizer_fits,
+    config_sha256,
+    describe_teacher,
+    load_tokenizer,
+    max_context,
+)
 from logitcache.data import prepare_windows
 from logitcache.errors import UserError
-from logitcache.backends.teacher import check_seq_len, check_tokenizer_fits, config_sha256, describe_teacher, load_tokenizer, max_context
 
 ATOL = 2e-5
 K = 16

@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+from test_produce import REPO, cache_bytes, cli_command, cli_env, one_thread, produce  # noqa: F401
 
 from logitcache import format as fmt
 from logitcache.producer.claims import ShardClaims, claim_name
 from logitcache.verify import verify_cache
-from test_produce import REPO, cache_bytes, cli_command, cli_env, one_thread, produce  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def slower_teacher(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     """A Llama wide enough (hidden 192, 4 layers) that the two producers' work overlaps in time."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)

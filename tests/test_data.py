@@ -9,7 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.data import iter_documents, pack_windows, prepare_windows, tokenizer_fingerprint, train_bpe_tokenizer, windows_fingerprint
+from logitcache.data import (
+    iter_documents,
+    pack_windows,
+    prepare_windows,
+    tokenizer_fingerprint,
+    train_bpe_tokenizer,
+    windows_fingerprint,
+)
 from logitcache.errors import UserError
 
 TEXT = ("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. "

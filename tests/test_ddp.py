@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_loop import SEQ, caches, heldout_file, model_json, weights  # noqa: F401  (fixtures)
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from test_loop import SEQ, caches, heldout_file, model_json, weights  # noqa: F401  (fixtures)
 from trainer.checkpoint import read_state
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from logitcache.read.reader import CacheReader
 from moto_s3 import free_port
 from test_writer import make_header, write_cache
+
+from logitcache.read.reader import CacheReader
 from trainer.data import CacheBatches
 
 WORLD, STEPS, BATCH = 4, 6, 8

@@ -14,10 +14,10 @@ import textwrap
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_encodings import make_fitted, realistic_logits, topk_of
 
 from logitcache.encodings import get_encoding, kernels
 from logitcache.encodings.bytes import put_frames
-from test_encodings import make_fitted, realistic_logits, topk_of
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(),
                                 reason="compiled loops off (numba missing or LOGITCACHE_NUMBA=0)")

@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from logitcache.encodings import available_encodings, get_encoding
-from logitcache.encodings.bytes import (RankMap, fit_rank_order, from_planes, gaps_from_sorted, pack_rank_order,
-                                        sorted_from_gaps, to_planes, unpack_rank_order)
+from logitcache.encodings.bytes import (
+    RankMap,
+    fit_rank_order,
+    from_planes,
+    gaps_from_sorted,
+    pack_rank_order,
+    sorted_from_gaps,
+    to_planes,
+    unpack_rank_order,
+)
 from logitcache.encodings.compact import coarse_kl
 from logitcache.encodings.sampled import draw_samples
 from logitcache.errors import UserError
@@ -457,10 +465,11 @@ def test_no_rows_and_k_one(name):
 def test_through_cache_writer_and_reader(tmp_path, name):
     """A cache written by CacheWriter with a fitted encoding reads back through CacheReader as the
     encoding decodes it directly, and within the KL budget of the exact arrays."""
-    from logitcache import format as fmt
-    from logitcache.read.reader import CacheReader
-    from logitcache.producer.writer import CacheWriter
     from test_writer import VOCAB, make_header, synthetic_shard
+
+    from logitcache import format as fmt
+    from logitcache.producer.writer import CacheWriter
+    from logitcache.read.reader import CacheReader
 
     h = make_header(num_windows=40, rows_per_shard=16)
     params = get_encoding(name, {}).fit(np.arange(VOCAB).repeat(np.arange(VOCAB) % 7 + 1), VOCAB)

@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_corpus_text
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_corpus_text
 from logitcache import format as fmt
-from logitcache.data import prepare_windows, tokenizer_fingerprint
-from logitcache.errors import UserError
-from logitcache.read.reader import CacheReader
 from logitcache.backends.teacher import describe_teacher
 from logitcache.backends.topk import topk_from_logits
+from logitcache.data import prepare_windows, tokenizer_fingerprint
+from logitcache.errors import UserError
 from logitcache.producer.writer import CacheWriter
+from logitcache.read.reader import CacheReader
 from trainer.checkpoint import optimizer_from_flat, optimizer_to_flat
 from trainer.cli import main as trainer_main
 from trainer.config import RunConfig, TrainConfig, resume_differences

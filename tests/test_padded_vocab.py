@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_VOCAB
+from test_backend_vllm import LP_TOL, TAIL_MASS_TOL, needs_vllm
+from test_loop import run_trainer
+from test_produce import one_thread  # noqa: F401  (fixture)
+
 from logitcache.backends.hf import HFBackend
 from logitcache.cli import main
 from logitcache.encodings.sampled import window_uniforms
 from logitcache.format.key import cache_key
 from logitcache.read.reader import CacheReader
-from test_loop import run_trainer
-from test_produce import one_thread  # noqa: F401  (fixture)
 
 K = 8
 SEQ_LEN = 16
@@ -140,8 +141,6 @@ def test_key_names_the_usable_vocabulary_only_when_padding_is_masked():
 # ---------------------------------------------------------------------------------------------
 # vLLM (a real engine on CPU)
 # ---------------------------------------------------------------------------------------------
-
-from test_backend_vllm import LP_TOL, TAIL_MASS_TOL, needs_vllm  # noqa: E402
 
 VLLM_SEQ_LEN = 32
 

@@ -23,14 +23,14 @@ import torch
 
 from logitcache import format as fmt
 from logitcache.backends.hf import HFBackend
+from logitcache.backends.teacher import describe_teacher, load_tokenizer
 from logitcache.cli import main
 from logitcache.data import prepare_windows
 from logitcache.errors import UserError
 from logitcache.producer.header import build_header
 from logitcache.producer.run import run_shards
-from logitcache.read.reader import CacheReader
-from logitcache.backends.teacher import describe_teacher, load_tokenizer
 from logitcache.producer.writer import CacheWriter
+from logitcache.read.reader import CacheReader
 
 SMALL = ["--k", "8", "--seq-len", "16", "--rows-per-shard", "4", "--batch-size", "2", "--no-progress"]
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from logitcache import ProduceConfig, produce
 from logitcache import format as fmt
 from logitcache.cli import main
-from logitcache import ProduceConfig, produce
 from logitcache.verify import verify_cache
 
 ray = pytest.importorskip("ray")

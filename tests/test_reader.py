@@ -18,15 +18,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from test_writer import make_header, synthetic_windows, write_cache
 from torch.utils.data import DataLoader
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
+from logitcache.producer.writer import CacheWriter
 from logitcache.read.reader import CacheReader, open_cache
 from logitcache.read.summary import inspect_cache
 from logitcache.verify import verify_cache
-from logitcache.producer.writer import CacheWriter
-from test_writer import make_header, synthetic_windows, write_cache
 
 COLUMNS = ("input_ids", "target_logprob", "topk_ids", "topk_logprobs", "tail_logmass")
 
@@ -194,6 +194,7 @@ def test_dataset_uses_torch_distributed_when_initialised(cache, tmp_path, monkey
 
 def test_load_with_hf_datasets(cache, tmp_path):
     import glob
+
     import datasets
     path, h, ref = cache
     ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob(f"{path}/shard-*.parquet")),

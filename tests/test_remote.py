@@ -11,25 +11,23 @@ tested on a file:// push, including `datasets.load_dataset` reading the pushed f
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from moto_s3 import moto_s3, new_bucket
+from test_writer import make_header, write_cache
 
 from logitcache import format as fmt
 from logitcache.cli import main
 from logitcache.errors import UserError
-from logitcache.read.reader import CacheReader
-from logitcache.verify import verify_cache
-from logitcache.read.reader import RemoteCacheReader
+from logitcache.read.reader import CacheReader, RemoteCacheReader
 from logitcache.read.urls import atomic_renames, filesystem, storage_options_for
 from logitcache.share.pull import pull
 from logitcache.share.push import push
-from moto_s3 import moto_s3, new_bucket
-from test_writer import make_header, write_cache
+from logitcache.verify import verify_cache
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")

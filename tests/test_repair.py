@@ -11,11 +11,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+from test_produce import SMALL, one_thread  # noqa: F401  (fixture)
 
 from logitcache import format as fmt
 from logitcache.cli import main
 from logitcache.verify import verify_cache
-from test_produce import SMALL, one_thread  # noqa: F401  (fixture)
 
 
 def cache_bytes(cache_dir: Path) -> dict[str, bytes]:

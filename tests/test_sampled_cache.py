@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from test_loop import metrics, produce_cache, run_trainer
+from test_produce import cache_bytes, one_thread, produce, refused  # noqa: F401  (fixture)
 
 from logitcache.backends.hf import HFBackend
 from logitcache.cli import main
 from logitcache.encodings.sampled import draw_samples_at, window_uniforms
 from logitcache.read.reader import CacheReader
-from test_loop import metrics, produce_cache, run_trainer
-from test_produce import cache_bytes, one_thread, produce, refused  # noqa: F401  (fixture)
 
 S = 16
 SMALL = ["--seq-len", "16", "--rows-per-shard", "4", "--dtype", "float32", "--no-progress"]

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
+from test_reader import never_read  # noqa: F401  (fixture: a FIFO outside the cache)
+from test_writer import make_header, write_cache
 
 from logitcache import format as fmt
 from logitcache.commands.repair import repair_cache
@@ -21,8 +23,6 @@ from logitcache.errors import UserError
 from logitcache.read.reader import CacheReader
 from logitcache.read.summary import inspect_cache
 from logitcache.verify import verify_cache
-from test_reader import never_read  # noqa: F401  (fixture: a FIFO outside the cache)
-from test_writer import make_header, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "logitcache").rglob("*.py")) + sorted((REPO / "trainer").rglob("*.py"))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VOCAB, save_tiny_teacher, tiny_corpus_text
+from test_loop import SEQ, caches, heldout_file, metrics, run_trainer  # noqa: F401  (fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_VOCAB, save_tiny_teacher, tiny_corpus_text
 from logitcache.data import train_bpe_tokenizer
-from test_loop import SEQ, caches, heldout_file, metrics, run_trainer  # noqa: F401  (fixtures)
 from trainer.prune import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from test_writer import make_header, write_cache
 
 from logitcache import cli
 from logitcache import format as fmt
 from logitcache.read.reader import CacheReader
 from logitcache.read.summary import inspect_cache
 from logitcache.verify import verify_cache
-from test_writer import make_header, write_cache
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ import pytest
 
 from logitcache import format as fmt
 from logitcache.errors import UserError
-from logitcache.producer.writer import CacheWriter
-from logitcache.format.manifest import expected_rows
 from logitcache.format.atomic import sha256_file
+from logitcache.format.manifest import expected_rows
+from logitcache.producer.writer import CacheWriter
 
 VOCAB = 97
 

@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from logitcache.format import fsync_path
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from logitcache.errors import UserError
+from logitcache.format import fsync_path
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "trainer_state.json"

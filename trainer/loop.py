@@ -176,8 +176,9 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
           evaluate: EvalFn | None, tokenizer, resume: bool = False) -> dict:
     """Train `model` (float32, on CPU or `env.device`) on `source`'s batches; return a summary.
 
-    `source.stream(start, count, ...)` yields this rank's micro-batches from `start` on (see trainer.data); `loss_fn(logits, batch)` returns
-    (loss, detached metrics); `evaluate(model)` returns held-out metrics (collective under DDP).
+    `source.stream(start, count, ...)` yields this rank's micro-batches from `start` on (see
+    trainer.data); `loss_fn(logits, batch)` returns (loss, detached metrics); `evaluate(model)`
+    returns held-out metrics (collective under DDP).
     """
     cfg = run.train
     out = Path(run.out)

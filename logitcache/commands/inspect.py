@@ -36,6 +36,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _nats(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f} nats"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.sample_windows < 0:
         from logitcache.errors import UserError
@@ -63,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         ("sampled windows", _fmt(info["sampled_windows"])),
         ("mean top-k mass", _fmt(info["mean_topk_mass"])),
         ("mean tail mass", _fmt(info["mean_tail_mass"])),
-        ("entropy lower bound", _fmt(info["mean_entropy_lower_bound"]) + (" nats" if info["mean_entropy_lower_bound"] is not None else "")),
-        ("teacher NLL", _fmt(info["teacher_nll"]) + (" nats" if info["teacher_nll"] is not None else "")),
+        ("entropy lower bound", _nats(info["mean_entropy_lower_bound"])),
+        ("teacher NLL", _nats(info["teacher_nll"])),
         ("backend", _fmt(info["backend"])),
     ]
     width = max(len(name) for name, _ in rows)

@@ -85,7 +85,8 @@ def binary_column(data: np.ndarray, row_lengths: np.ndarray) -> pa.Array:
         raise ValueError("row lengths do not add up to the stream length")
     if offsets[-1] < 2**31 - 1:
         return pa.Array.from_buffers(pa.binary(), len(row_lengths),
-                                     [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(np.ascontiguousarray(data))])
+                                     [None, pa.py_buffer(offsets.astype(np.int32)),
+                                      pa.py_buffer(np.ascontiguousarray(data))])
     return pa.Array.from_buffers(pa.large_binary(), len(row_lengths),
                                  [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))])
 

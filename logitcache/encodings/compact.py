@@ -227,7 +227,8 @@ class _SetCodec:
         # inverted code max_code - c in the high bits: an ascending sort puts large values first
         key = codes if inverted else np.subtract(self.max_code, codes, dtype=self._key_dtype)
         key <<= self.rank_bits
-        key |= ranks.view(self._key_dtype) if ranks.dtype == np.uint32 and self._key_dtype == np.int32 else ranks.astype(self._key_dtype)
+        same_width = ranks.dtype == np.uint32 and self._key_dtype == np.int32
+        key |= ranks.view(self._key_dtype) if same_width else ranks.astype(self._key_dtype)
         if sizes is None:
             dense = key.reshape(rows, n)
         else:

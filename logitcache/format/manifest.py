@@ -124,7 +124,8 @@ def _parse_record(cls, d: Any, where: Path | str, name: str):
             continue
         value = d.get(f.name)
         if not _KINDS[kind](value):
-            raise UserError(f"{where}: invalid manifest: {name}.{f.name} {value!r:.40} is not a valid {kind.rstrip('?')}")
+            raise UserError(f"{where}: invalid manifest: {name}.{f.name} {value!r:.40} is not a valid "
+                            f"{kind.rstrip('?')}")
         values[f.name] = value
     return cls(**values)
 

@@ -150,7 +150,7 @@ class CacheWriter:
             payload = {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs, "tail_logmass": tail_logmass}
             shapes.update(topk_ids=(topk_ids, (rows, T, k)), topk_logprobs=(topk_logprobs, (rows, T, k)),
                           tail_logmass=(tail_logmass, (rows, T)))
-        for name, arr in payload.items():
+        for arr in payload.values():
             if arr is None:
                 raise ValueError(f"shard {index}: encoding {self.encoding.name} needs {', '.join(payload)}")
         for name, (arr, shape) in shapes.items():

@@ -28,7 +28,8 @@ def torch_batch(a: dict[str, np.ndarray]) -> dict:
            "labels": to_tensor(win[:, 1:], np.int64),
            "target_logprob": to_tensor(a["target_logprob"], np.float32)}
     if "sample_ids" in a:
-        out.update(sample_ids=to_tensor(a["sample_ids"], np.int64), sample_counts=to_tensor(a["sample_counts"], np.int32))
+        out.update(sample_ids=to_tensor(a["sample_ids"], np.int64),
+                   sample_counts=to_tensor(a["sample_counts"], np.int32))
     else:
         out.update(topk_ids=to_tensor(a["topk_ids"], np.int64), topk_logprobs=to_tensor(a["topk_logprobs"], np.float32),
                    tail_logmass=to_tensor(a["tail_logmass"], np.float32))

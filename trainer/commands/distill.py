@@ -112,7 +112,8 @@ def run(args) -> int:
 
     cfg = train_config_from_args(args)
     reader = CacheReader(args.cache)
-    loss_cfg = LossConfig(loss=pick_loss(args.loss, reader), beta=args.beta, temperature=args.temperature, alpha_ce=args.alpha_ce,
+    loss_cfg = LossConfig(loss=pick_loss(args.loss, reader), beta=args.beta, temperature=args.temperature,
+                          alpha_ce=args.alpha_ce,
                           renormalize_topk=args.renormalize_topk, logits_chunk=args.logits_chunk)
     loss_cfg.validate()
 

@@ -86,7 +86,8 @@ def run_ray(backend: str, teacher: str, backend_args: dict, header: Manifest, ca
     try:
         n = actors or (int(ray.cluster_resources().get("GPU", 0)) if gpu else 1)
         if n < 1:
-            raise SettingError("engine", "ray", "the cluster has no GPU for a cuda teacher; use --device cpu or --ray-actors")
+            raise SettingError("engine", "ray", "the cluster has no GPU for a cuda teacher; use --device cpu or "
+                               "--ray-actors")
         n = min(n, len(todo))
         Actor = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if gpu else 0)(TeacherActor)
         handles = [Actor.remote(backend, teacher, args) for _ in range(n)]
