@@ -11,14 +11,15 @@ random-token windows is written with CacheWriter; a student is then trained twic
 - KD:  the same windows read back from the cache by `CacheReader` through a DataLoader with
        `--workers` processes (`CacheBatches`), tail-exact forward KL (`trainer distill`'s loss).
 
-The cache holds more windows than the runs consume, so no run crosses an epoch (each epoch starts
-a new DataLoader, whose worker start-up would count as reader stall). Reported per run: the median
+The cache holds more windows than the runs consume, so no run crosses an epoch (each epoch starts a
+new DataLoader, whose worker start-up would count as reader stall). Reported per run: the median
 step time over the steps after warm-up, read from metrics.jsonl (log every step), and for KD the
-fraction of step time spent waiting for the next batch from the reader (`data_wait_fraction`).
-Runs alternate (CE, KD, KD without workers) `--repeats` times and the ratio is the median over pairs, since a shared machine's load drifts. `cpu_ratio` is the same ratio
-in CPU time of the training process over whole runs (saving included, the reader's workers not): on
-a CPU shared with other jobs it is steadier than wall time. The ratio KD/CE measures what
-distillation from a cache costs over plain training; the target is <= 1.10. The last line is JSON.
+fraction of step time spent waiting for the next batch from the reader (`data_wait_fraction`). Runs
+alternate (CE, KD, KD without workers) `--repeats` times and the ratio is the median over pairs,
+since a shared machine's load drifts. `cpu_ratio` is the same ratio in CPU time of the training
+process over whole runs (saving included, the reader's workers not): on a CPU shared with other jobs
+it is steadier than wall time. The ratio KD/CE measures what distillation from a cache costs over
+plain training; the target is <= 1.10. The last line is JSON.
 """
 
 from __future__ import annotations
