@@ -304,7 +304,7 @@ class VLLMBackend:
         try:
             outputs = self.llm.generate([{"prompt_token_ids": window[0].tolist()}], self.params, use_tqdm=False)
             flat_to_topk([o.prompt_logprobs for o in outputs], window, self.k, self.usable)
-        except Exception as exc:
+        except Exception as exc:   # noqa: BLE001  whatever vLLM raises becomes one line
             self.close()
             raise UserError(f"--teacher {name_or_path}: vLLM could not run it ({exception_line(exc)}); "
                             "--backend hf is the fallback") from None
