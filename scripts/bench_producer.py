@@ -200,8 +200,8 @@ def main() -> None:
                   "produce_tokens_per_s": round(n_tokens / prod), "forward_tokens_per_s": round(n_tokens / fwd),
                   "tokens": n_tokens, "teacher": label,
                   "teacher_parameters": sum(p.numel() for p in model.parameters()), "k": args.k,
-                  "seq_len": args.seq_len, "batch_size": args.batch_size, "encoding": args.encoding, "device": args.device,
-                  "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": repeats}
+                  "seq_len": args.seq_len, "batch_size": args.batch_size, "encoding": args.encoding,
+                  "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(), "repeats": repeats}
         print(json.dumps(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
