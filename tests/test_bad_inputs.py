@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_backend_vllm import needs_vllm
+from test_produce import REPO, SMALL, cli_command, cli_env, one_thread, snapshot  # noqa: F401
 
 from logitcache import format as fmt
 from logitcache.backends.hf import HFBackend
 from logitcache.cli import main as logitcache_main
 from logitcache.errors import UserError
-from test_backend_vllm import needs_vllm
-from test_produce import REPO, SMALL, cli_command, cli_env, one_thread, snapshot  # noqa: F401
 from trainer.cli import main as trainer_main
 
 
