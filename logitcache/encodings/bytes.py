@@ -141,9 +141,9 @@ def stream_fields(name: str, nbytes: int) -> list[pa.Field]:
 # ---------------------------------------------------------------------------
 
 # Small-alphabet, high-entropy streams (value codes) are hurt by zstd's match finder at the levels a
-# writer can afford: it takes 5-byte coincidences as matches and pays more for them than Huffman
-# coding the bytes would cost (measured: +2 B/token at zstd-3 on top-64 codes). A frame per window
-# with min_match 7 is close to pure Huffman coding; its header and table cost ~50 bytes a window.
+# writer can afford: it takes short coincidences as matches and pays more for them than Huffman
+# coding the bytes would cost. A frame per window with min_match 7 is close to pure Huffman coding
+# (docs/encodings.md, "Implementation notes", has the figures).
 FRAME_LEVEL = 3
 FRAME_MIN_MATCH = 7
 _local = threading.local()

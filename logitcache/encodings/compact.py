@@ -337,8 +337,8 @@ class CompactEncoding(_SetCodec):
         loops' reference, and the path without numba."""
         n = len(low)
         top_low = (self.max_code - low.astype(np.int32))[:, None]
-        # Row chunks bound the temporaries (a few MB each, whatever seq_len and the row group size);
-        # smaller chunks measured no faster, the per-call overhead eating any cache gain.
+        # Row chunks bound the temporaries whatever seq_len and the row group size (docs/encodings.md,
+        # "Implementation notes", for the chunk size).
         step = max(1, DECODE_CHUNK // max(k, 1))
         for a in range(0, n, step):
             e = min(n, a + step)
