@@ -56,7 +56,8 @@ def topk_from_logits(logits: torch.Tensor, targets: torch.Tensor, k: int, chunk_
     used as the exp buffer (their values are destroyed): no allocation, one pass less.
     """
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logits [N, V] and targets [N] expected, got {tuple(logits.shape)} and {tuple(targets.shape)}")
+        raise ValueError(f"logits [N, V] and targets [N] expected, got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
     n, vocab = logits.shape
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k} must be in 1..{vocab}")

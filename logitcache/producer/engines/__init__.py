@@ -4,6 +4,7 @@ CacheWriter into the same folder, so the manifest, resume and checksums are the 
 
 from __future__ import annotations
 
+
 def run_engine(engine: str, *args, **kwargs):
     """Run the shards `todo` of one cache on a non-local engine; returns the cache's CacheWriter."""
     if engine == "ray":
