@@ -29,3 +29,9 @@ class SettingError(UserError):
     def relabel(self, label: str) -> UserError:
         """The same error naming the setting as `label` (a command-line option, say)."""
         return UserError(self.render(label))
+
+
+def exception_line(exc: BaseException) -> str:
+    """`ClassName: first non-empty line of the message` (cut at 300 characters), for one-line errors."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__

@@ -141,7 +141,7 @@ def test_make_backend_hf(tiny_teachers):
     backend = make_backend("hf", str(tiny_teachers["gpt_neox"]), k=4)
     assert backend.name == "hf" and backend.k == 4
     assert set(backend.versions()) >= {"torch", "transformers"}
-    with pytest.raises(UserError, match="--backend nope"):
+    with pytest.raises(UserError, match="backend nope"):
         resolve_backend_name("nope")
 
 
@@ -165,7 +165,7 @@ def test_default_chunk_sizes():
 
 
 def test_k_larger_than_vocabulary_is_refused(tiny_teachers):
-    with pytest.raises(UserError, match="--k 321"):
+    with pytest.raises(UserError, match="k 321"):
         HFBackend(str(tiny_teachers["gpt2"]), 321, "cpu", "float32")
 
 
@@ -221,5 +221,5 @@ def test_tokenizer_and_context_checks(tiny_teachers, tiny_tokenizer_dir):
         check_tokenizer_fits(tok, dict(teacher, vocab_size=300))
     assert max_context({"n_positions": 1024}) == 1024 and max_context({}) is None
     check_seq_len(63, teacher)                                                # a window is seq_len + 1 tokens
-    with pytest.raises(UserError, match="--seq-len 64: a window of seq_len . 1 = 65 tokens"):
+    with pytest.raises(UserError, match="seq_len 64: a window of seq_len . 1 = 65 tokens"):
         check_seq_len(64, teacher)

@@ -83,7 +83,7 @@ def test_tail_from_topk_floors_unresolvable_tails_and_empties_at_full_vocabulary
 
 def test_window_longer_than_the_engine_is_refused_with_the_fix():
     check_window_fits(128, 128, "t")
-    with pytest.raises(UserError, match=r"--seq-len 128: .* more than the 128 .* use --seq-len 127 or less"):
+    with pytest.raises(UserError, match=r"seq_len 128: .* more than the 128 .* use --seq-len 127 or less"):
         check_window_fits(129, 128, "t")
 
 

@@ -27,31 +27,15 @@ cached or drawn and their mass is in neither the top-k nor the tail.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from logitcache.errors import UserError
+from logitcache.errors import SettingError
+from logitcache.format.payloads import Samples, TopK  # noqa: F401  (the types backends return)
 
 BACKENDS = ("hf", "vllm")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-
-
-class TopK(NamedTuple):
-    """One batch of results; B windows, T = seq_len positions each."""
-
-    ids: np.ndarray             # (B, T, k) int32, by descending log-prob
-    logprobs: np.ndarray        # (B, T, k) float32
-    tail_logmass: np.ndarray    # (B, T) float32, log(1 - sum exp(logprobs)), -inf when k == V
-    target_logprob: np.ndarray  # (B, T) float32, log p(window[t + 1])
-
-
-class Samples(NamedTuple):
-    """One batch of draws for a `sampled` cache (logitcache.encodings.sampled)."""
-
-    sample_ids: np.ndarray      # (B, T, S) int64, distinct drawn ids, ascending, 0-padded
-    sample_counts: np.ndarray   # (B, T, S) int32, draws of each id (0 on padding), summing to S
-    target_logprob: np.ndarray  # (B, T) float32, log p(window[t + 1])
 
 
 class Backend(Protocol):
@@ -74,7 +58,7 @@ def resolve_backend_name(name: str) -> str:
 
         return "vllm" if vllm_available() and cuda_available() else "hf"
     if name not in BACKENDS:
-        raise UserError(f"--backend {name}: unknown (known: {', '.join(BACKEND_CHOICES)})")
+        raise SettingError("backend", name, f"unknown (known: {', '.join(BACKEND_CHOICES)})")
     return name
 
 
@@ -101,10 +85,6 @@ def make_backend(name: str, teacher: str, *, k: int, device: str = "cpu", dtype:
     raise AssertionError(name)
 
 
-def exception_line(exc: BaseException) -> str:
-    """`ClassName: first non-empty line of the message` (cut at 300 characters), for one-line errors."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
 def quiet_libraries() -> None:

@@ -13,10 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from logitcache.backends import Samples, TopK
-from logitcache.backends.teacher import check_k, check_weight_files, describe_teacher, resolve_teacher
+from logitcache.backends.teacher import (
+    check_k,
+    check_weight_files,
+    describe_teacher,
+    resolve_teacher,
+)
 from logitcache.backends.topk import topk_from_logits
-from logitcache.errors import UserError
+from logitcache.errors import SettingError
+from logitcache.format.payloads import Samples, TopK
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOGITS_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
@@ -33,9 +38,9 @@ def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+        raise SettingError("device", device, "not a torch device (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
+        raise SettingError("device", device, "CUDA is not available on this machine")
     return dev
 
 
@@ -58,13 +63,13 @@ class HFBackend:
                                                          **_dtype_kwarg(torch_dtype))
         except Exception as exc:
             check_weight_files(folder)   # a truncated safetensors file is named, not reported as a load error
-            raise UserError(f"--teacher {name_or_path}: could not be loaded as a causal LM "
+            raise SettingError("teacher", name_or_path, f"could not be loaded as a causal LM "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         self.model = model.eval().to(self.device)
         self.body = self.model.base_model
         self.head = self.model.get_output_embeddings()
         if self.body is self.model or self.head is None:
-            raise UserError(f"--teacher {name_or_path}: {type(model).__name__} has no separate body and "
+            raise SettingError("teacher", name_or_path, f"{type(model).__name__} has no separate body and "
                             "LM head; the hf backend cannot chunk it")
         self.teacher["vocab_size"] = int(self.head.weight.shape[0])
         self.usable = _usable_vocab(usable_vocab, self.teacher["vocab_size"])
@@ -75,7 +80,7 @@ class HFBackend:
         self.k = k
         self.chunk_size = int(chunk_size or default_logits_chunk(self.teacher["vocab_size"], device))
         if self.chunk_size < 1:
-            raise UserError(f"--logits-chunk {chunk_size}: must be at least 1")
+            raise SettingError("logits_chunk", chunk_size, "must be at least 1")
         self._self_check(name_or_path)
 
     def describe(self) -> dict:
@@ -123,7 +128,7 @@ class HFBackend:
                 continue
             s = e
         if not bool(torch.isfinite(lp[:, 0]).all()):
-            raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
+            raise SettingError("teacher", self.teacher['name_or_path'], f"non-finite logits in "
                             f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
         return TopK(ids.reshape(B, T, k).cpu().numpy(), lp.reshape(B, T, k).cpu().numpy(),
                     tail.reshape(B, T).cpu().numpy(), tgt.reshape(B, T).cpu().numpy())
@@ -134,8 +139,8 @@ class HFBackend:
         the usable vocabulary (no padding column is ever drawn).
 
         `uniforms` [B * T, S] (logitcache.encodings.sampled.window_uniforms) fix the draws up to the
-        logits' float32 rounding, which can change with the batch or chunk size and the device. The top-k path (`run`) is
-        untouched: sampling costs nothing when it is off.
+        logits' float32 rounding, which can change with the batch or chunk size and the device. The
+        top-k path (`run`) is untouched: sampling costs nothing when it is off.
         """
         from logitcache.encodings.sampled import draw_samples_at
 
@@ -153,7 +158,7 @@ class HFBackend:
             e = min(n, s + c)
             logits = self.logits(hidden[s:e]).float()                               # (c, usable V)
             if not bool(torch.isfinite(logits).all()):
-                raise UserError(f"--teacher {self.teacher['name_or_path']}: non-finite logits in "
+                raise SettingError("teacher", self.teacher['name_or_path'], f"non-finite logits in "
                                 f"{self.teacher['dtype']}; try --dtype float32 or bfloat16")
             tgt[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
             ids[s:e], counts[s:e] = draw_samples_at(logits, uniforms[s:e])
@@ -168,7 +173,7 @@ class HFBackend:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if chunk <= 1:
-            raise UserError(f"--teacher {self.teacher['name_or_path']}: out of memory in the LM head even for one "
+            raise SettingError("teacher", self.teacher['name_or_path'], f"out of memory in the LM head even for one "
                             f"position on {self.device}; free memory, use a smaller --batch-size or another "
                             "--device") from None
         self.chunk_size = max(1, chunk // 2)
@@ -184,7 +189,7 @@ class HFBackend:
         scale = full.abs().max().clamp_min(1.0)
         tol = 1e-4 if self.teacher["dtype"] == "float32" else 2e-2
         if full.shape != ours.shape or (full - ours).abs().max() > tol * scale:
-            raise UserError(f"--teacher {name_or_path}: {type(self.model).__name__}'s logits are not a plain "
+            raise SettingError("teacher", name_or_path, f"{type(self.model).__name__}'s logits are not a plain "
                             "projection of its last hidden state; not supported by the hf backend")
 
     def close(self) -> None:

