@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from logitcache.errors import UserError
+from logitcache.format.payloads import concat
 from logitcache.producer.writer import CacheWriter
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,9 @@ def run_shards(model, writer: CacheWriter, tokens: np.ndarray, todo: list[int], 
                                       window_uniforms(writer.key, range(first + s, first + min(rows, s + batch_size)),
                                                       seq_len, sample))
                          for s in _batches(rows, batch_size, bar, seq_len, start)]
-                arrays = {"input_ids": shard, **{f: np.concatenate([getattr(p, f) for p in parts])
-                                                 for f in parts[0]._fields}}
             else:
                 parts = [model.run(shard[s:s + batch_size]) for s in _batches(rows, batch_size, bar, seq_len, start)]
-                # each part: (ids [b,T,k], logprobs [b,T,k], tail [b,T], target [b,T])
-                ids, logprobs, tail, target = (np.concatenate(column) for column in zip(*parts))
-                arrays = {"input_ids": shard, "target_logprob": target, "topk_ids": ids,
-                          "topk_logprobs": logprobs, "tail_logmass": tail}
+            arrays = writer.payload_arrays(concat(parts), input_ids=shard)
             put((index, arrays))
         put(None)
         if overlap:

@@ -43,6 +43,7 @@ from logitcache.format.manifest import (
     ShardEntry,
     payload_of_encoding,
 )
+from logitcache.format.payloads import Samples, TopK
 
 ROW_GROUP_SIZE = 64
 DEFAULT_COMPRESSION_LEVEL = 3
@@ -181,6 +182,13 @@ class CacheWriter:
         arrays = [columns[f.name].cast(f.type) if columns[f.name].type != f.type else columns[f.name]
                   for f in self.schema]
         return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def payload_arrays(self, payload: TopK | Samples, *, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """`write_shard`'s arrays for one shard's windows and the backend's payload, which must be
+        the kind this cache stores."""
+        if payload.kind != self.payload:
+            raise ValueError(f"{self.cache_dir}: a {self.payload} cache cannot store a {payload.kind} payload")
+        return {"input_ids": input_ids, "target_logprob": payload.target_logprob, **payload.columns()}
 
     def write_shard(self, index: int, *, input_ids: np.ndarray, target_logprob: np.ndarray,
                     topk_ids: np.ndarray | None = None, topk_logprobs: np.ndarray | None = None,
