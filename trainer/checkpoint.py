@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from logitcache.errors import UserError
-from logitcache.format import fsync_path
+from logitcache.format.atomic import fsync_path, temporary_path
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_NAME = "trainer_state.json"
@@ -128,7 +128,7 @@ def save_checkpoint(out_dir: Path, *, model: torch.nn.Module, optimizer: torch.o
     """Write OUT/checkpoint atomically. `model` must be the unwrapped module (not DDP)."""
     out_dir = Path(out_dir)
     final = out_dir / CHECKPOINT_DIR
-    tmp = out_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
+    tmp = temporary_path(final)          # the whole folder is the unit written atomically
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
