@@ -9,6 +9,9 @@ the log-odds `log(T) - log(1 - T)` with a fixed step, which keeps both the tail 
 to a relative precision of `tail_step` even when one of them is 1e-9. Decoding rescales the k
 values so that they sum to exactly `1 - T`: `sum(exp(topk)) + exp(tail) = 1` up to float32
 rounding. See docs/encodings.md for the byte layout.
+
+The module is one codec family and stays whole: the set codec that `adaptive` extends, with its
+compiled decode call and its numpy reference decoder side by side, so the two cannot drift apart.
 """
 
 from __future__ import annotations

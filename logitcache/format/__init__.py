@@ -13,12 +13,9 @@ from logitcache.format.atomic import (
 from logitcache.format.key import cache_dir_name, cache_key, canonical_json
 from logitcache.format.lock import LOCK_NAME, manifest_lock
 from logitcache.format.manifest import (
-    CHECKSUM_FIELD,
     FORMAT_MINOR_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
-    MANIFEST_FIELDS,
-    MANIFEST_NAME,
     PAYLOAD_SAMPLES,
     PAYLOAD_TOPK,
     PAYLOADS,
@@ -31,20 +28,25 @@ from logitcache.format.manifest import (
     TokenizerInfo,
     expected_rows,
     load_manifest,
-    manifest_bytes,
-    manifest_checksum_problem,
     parse_manifest,
-    write_manifest,
 )
 from logitcache.format.schema import (
     COL_INPUT_IDS,
     COL_TARGET_LOGPROB,
     COL_WINDOW_ID,
+    MANIFEST_NAME,
     SHARD_PATTERN,
     base_schema,
     open_shard_fd,
     shard_name,
     shard_path,
+)
+from logitcache.format.seal import (
+    CHECKSUM_FIELD,
+    MANIFEST_FIELDS,
+    manifest_bytes,
+    manifest_checksum_problem,
+    write_manifest,
 )
 
 __all__ = [

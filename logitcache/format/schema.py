@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from logitcache.errors import UserError
 
+MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,9})\.parquet$")
 
 # Columns every shard has, whatever the encoding.

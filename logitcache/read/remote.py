@@ -16,8 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.errors import UserError
-from logitcache.format.manifest import MANIFEST_NAME
-from logitcache.format.schema import SHARD_PATTERN
+from logitcache.format.schema import MANIFEST_NAME, SHARD_PATTERN
 from logitcache.read.urls import (
     CHUNK,
     MAX_MANIFEST_BYTES,
