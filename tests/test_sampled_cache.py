@@ -148,3 +148,10 @@ def test_distill_refuses_mismatched_loss_and_cache(tmp_path, tiny_teachers, samp
     assert run_trainer(*base, "--cache", topk, "--eval-cache", sampled_cache) == 2
     err = capsys.readouterr().err.strip()
     assert "has no top-k to measure KL on" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_refuses_a_sampled_cache_in_one_line(tiny_teachers, sampled_cache, capsys):
+    capsys.readouterr()
+    assert run_trainer("evaluate", "--model", tiny_teachers["llama_b"], "--cache", sampled_cache) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no top-k to measure KL on" in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -51,6 +51,9 @@ def run(args) -> int:
     reader = None
     if args.cache:
         reader = CacheReader(args.cache)
+        if reader.payload != "topk":
+            raise UserError(f"--cache {args.cache}: a sampled cache has no top-k to measure KL on; "
+                            "use a top-k cache, or --data alone")
         check_cache(reader, tokenizer_fingerprint(tokenizer), "--cache")
         if args.seq_len is not None and args.seq_len != reader.seq_len:
             raise UserError(f"--seq-len {args.seq_len}: the cache's windows have {reader.seq_len} positions")
