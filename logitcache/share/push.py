@@ -79,7 +79,7 @@ def push(cache: str | os.PathLike, url: str, *, storage_options: dict | None = N
             if on_file is not None:
                 on_file(e.name, status)
         if card:
-            text = dataset_card(m, f"{m.teacher.get('name_or_path')} top-{m.k} logit cache").encode()
+            text = dataset_card(m, f"{m.teacher.name_or_path} top-{m.k} logit cache").encode()
             _upload_bytes(fs, text, f"{root}/{CARD_NAME}", url)
         _upload_bytes(fs, raw, f"{root}/{fmt.MANIFEST_NAME}", url)     # last: the push is now visible
     finally:

@@ -61,7 +61,7 @@ def _short(fp: str | None) -> str:
 
 def check_cache(reader, student_fp: str, flag: str) -> None:
     """The cache must come from the student's tokenizer: same ids for the same text."""
-    cache_fp = reader.manifest["tokenizer"].get("fingerprint")
+    cache_fp = reader.manifest.tokenizer.fingerprint
     if cache_fp != student_fp:
         raise UserError(f"{flag} {reader.path}: made with tokenizer {_short(cache_fp)}..., the student's "
                         f"tokenizer is {_short(student_fp)}...; distillation needs the same tokenizer")
@@ -139,9 +139,9 @@ def run(args) -> int:
         same_teacher = all(eval_reader.teacher.get(f) == reader.teacher.get(f)
                            for f in ("config_sha256", "weights_fingerprint"))
         if not same_teacher:
-            warn(f"trainer: warning: --eval-cache comes from teacher {eval_reader.teacher.get('name_or_path')}, "
-                 f"--cache from {reader.teacher.get('name_or_path')}; eval KL is to the former")
-        if eval_reader.manifest["data"]["fingerprint"] == reader.manifest["data"]["fingerprint"]:
+            warn(f"trainer: warning: --eval-cache comes from teacher {eval_reader.teacher.name_or_path}, "
+                 f"--cache from {reader.teacher.name_or_path}; eval KL is to the former")
+        if eval_reader.manifest.data.fingerprint == reader.manifest.data.fingerprint:
             warn("trainer: warning: --eval-cache holds the training windows; eval metrics are not held out")
     eval_windows = None
     if args.eval_data:
@@ -153,13 +153,13 @@ def run(args) -> int:
             if env.world > 1:
                 torch.distributed.barrier()
         if eval_reader is not None:
-            want = eval_reader.manifest["data"]["fingerprint"]
+            want = eval_reader.manifest.data.fingerprint
             if eval_windows.fingerprint != want:
                 raise UserError(f"--eval-data {args.eval_data}: its windows (fingerprint "
                                 f"{_short(eval_windows.fingerprint)}...) are not the data of --eval-cache "
                                 f"{args.eval_cache} ({_short(want)}...)")
             eval_windows = None   # the eval cache holds the same windows: CE comes from it
-        elif eval_windows.fingerprint == reader.manifest["data"]["fingerprint"]:
+        elif eval_windows.fingerprint == reader.manifest.data.fingerprint:
             warn("trainer: warning: --eval-data gives the training windows; eval CE is not held out")
 
     run_cfg = RunConfig(command="distill", model=args.student, out=args.out, cache=args.cache,
@@ -171,7 +171,7 @@ def run(args) -> int:
 
     model = load_causal_lm(args.student, "--student")
     vocab = logits_vocab(model, tokenizer, "--student", warn)
-    teacher_vocab = reader.teacher.get("vocab_size")
+    teacher_vocab = reader.teacher.vocab_size
     if isinstance(teacher_vocab, int) and teacher_vocab > vocab:
         warn(f"trainer: note: the teacher has {teacher_vocab} logit columns for a {vocab}-token tokenizer; "
              "its ids are expected below the tokenizer's length")
@@ -196,7 +196,7 @@ def run(args) -> int:
 
     if env.is_main:
         print(f"trainer: distilling {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
-              f"parameters) from {reader.teacher.get('name_or_path')} (k={reader.k}, {reader.num_windows} "
+              f"parameters) from {reader.teacher.name_or_path} (k={reader.k}, {reader.num_windows} "
               f"windows of {reader.seq_len}) with {loss_cfg.loss} for {cfg.steps} steps", file=sys.stderr,
               flush=True)
     summary = train(model, run=run_cfg, env=env, source=source, loss_fn=loss_fn, evaluate=evaluate,

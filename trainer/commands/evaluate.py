@@ -61,10 +61,10 @@ def run(args) -> int:
     windows = None
     if args.data:
         windows = prepare_windows(args.data, tokenizer, seq_len, Path(args.work), text_column=args.text_column)
-        if reader is not None and windows.fingerprint != reader.manifest["data"]["fingerprint"]:
+        if reader is not None and windows.fingerprint != reader.manifest.data.fingerprint:
             raise UserError(f"--data {args.data}: its windows are not the data of --cache {args.cache} "
                             f"(fingerprints {windows.fingerprint[:12]}... vs "
-                            f"{reader.manifest['data']['fingerprint'][:12]}...)")
+                            f"{reader.manifest.data.fingerprint[:12]}...)")
     env = init_distributed(args.device)
     model = load_causal_lm(args.model, "--model").to(env.device)
     vocab = logits_vocab(model, tokenizer, "--model")
@@ -73,7 +73,7 @@ def run(args) -> int:
     if reader is not None:
         r = evaluate_cache(model, reader, batch_size=args.batch_size, device=env.device, vocab=vocab,
                            max_windows=args.max_windows)
-        result.update(cache=str(reader.path), teacher=reader.teacher.get("name_or_path"), k=reader.k, **r)
+        result.update(cache=str(reader.path), teacher=reader.teacher.name_or_path, k=reader.k, **r)
     else:
         result.update(data=args.data, **evaluate_windows(model, windows.tokens, batch_size=args.batch_size,
                                                          device=env.device, vocab=vocab,
