@@ -1,11 +1,22 @@
-"""Text in, token windows out: corpora (local files, hub datasets, the embedded plays), tokenizers, packing."""
+"""Text in, token windows out: corpora (local files, hub datasets, the embedded plays), tokenizers, packing;
+and chat rows in, masked token sequences out (formats, chat templates)."""
 
+from logitcache.data.chat import ChatCounts, render_rows
+from logitcache.data.conversations import FORMATS, ROLES, Conversation, detect_format, normalize_row
 from logitcache.data.corpus import (
            EMBEDDED_SOURCES,
            default_data_home,
            fetch_shakespeare,
            iter_documents,
            resolve_source,
+)
+from logitcache.data.templates import (
+           TRAIN_ON,
+           NoAssistantTurn,
+           Sequence,
+           render,
+           resolve_template,
+           template_fingerprint,
 )
 from logitcache.data.tokenizer import tokenizer_fingerprint, train_bpe_tokenizer
 from logitcache.data.windows import (
@@ -17,4 +28,8 @@ from logitcache.data.windows import (
 
 __all__ = ["EMBEDDED_SOURCES", "default_data_home", "fetch_shakespeare", "iter_documents", "resolve_source",
            "tokenizer_fingerprint", "train_bpe_tokenizer", "Windows", "pack_windows", "prepare_windows",
-           "windows_fingerprint"]
+           "windows_fingerprint",
+           # chat
+           "FORMATS", "ROLES", "TRAIN_ON", "Conversation", "ChatCounts",
+           "NoAssistantTurn", "Sequence", "detect_format", "normalize_row", "render", "render_rows",
+           "resolve_template", "template_fingerprint"]
