@@ -43,11 +43,11 @@ import pyarrow.parquet as pq
 
 from logitcache import format as fmt
 from logitcache.encodings import get_encoding
-from logitcache.encodings.plain import list_values
 from logitcache.errors import UserError
 from logitcache.format.manifest import Manifest, ShardEntry, TeacherInfo
 from logitcache.read.batches import concat_rows, slice_rows, torch_batch
 from logitcache.read.dataset import CacheDataset
+from logitcache.read.decode import decode_rows
 from logitcache.read.remote import RemoteShards
 from logitcache.read.urls import is_url
 from logitcache.verify import verify_cache
@@ -188,34 +188,8 @@ class CacheReader:
         pf._logitcache_file.close()
 
     def decode(self, batch: pa.RecordBatch | pa.Table, where: str = "") -> dict[str, np.ndarray]:
-        """Arrow rows of a shard -> numpy arrays in the stored layout (vectorised, no row loops)."""
-        T, k = self.seq_len, self.k
-        rows = batch.num_rows
-        columns = {name: batch.column(name) for name in batch.schema.names}
-        try:
-            for name, width in ((fmt.COL_INPUT_IDS, T + 1), (fmt.COL_TARGET_LOGPROB, T)):
-                col = columns[name]
-                col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-                offsets = col.offsets.to_numpy()
-                if col.null_count or not np.array_equal(offsets - offsets[0],
-                                                        np.arange(rows + 1, dtype=offsets.dtype) * width):
-                    raise ValueError(f"{name} rows are not all {width} long")
-            out = {"window_id": columns[fmt.COL_WINDOW_ID].to_numpy().astype(np.int64, copy=False),
-                   "input_ids": list_values(columns[fmt.COL_INPUT_IDS], np.int32).reshape(rows, T + 1),
-                   "target_logprob": list_values(columns[fmt.COL_TARGET_LOGPROB], np.float32).reshape(rows, T)}
-            if self.sampled:
-                ids, counts = self.encoding.decode(columns, k, T)
-                if ids.shape != (rows, T, k) or counts.shape != (rows, T, k):
-                    raise ValueError("sample columns have the wrong length")
-                out.update(sample_ids=ids, sample_counts=counts)
-                return out
-            ids, values, tail = self.encoding.decode(columns, k, T)
-            if ids.shape != (rows, T, k) or values.shape != (rows, T, k) or tail.shape != (rows, T):
-                raise ValueError("top-k columns have the wrong length")
-        except (KeyError, ValueError, pa.ArrowException) as exc:
-            raise UserError(f"{where or self.path}: malformed shard data ({exc})") from None
-        out.update(topk_ids=ids, topk_logprobs=values, tail_logmass=tail)
-        return out
+        """Arrow rows of a shard -> numpy arrays in the stored layout (see `read.decode.decode_rows`)."""
+        return decode_rows(batch, self.encoding, self.k, self.seq_len, where or str(self.path))
 
     def read_shard(self, index: int | str) -> dict[str, np.ndarray]:
         """All rows of one shard as numpy, stored layout: window_id [R] int64, input_ids [R, T+1]

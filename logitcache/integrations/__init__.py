@@ -1,0 +1,1 @@
+"""Bridges to the libraries users already train with (Hugging Face `datasets`)."""
