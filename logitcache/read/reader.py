@@ -1,6 +1,6 @@
 """Read a cache: validated open, integrity check, streaming batches and a DDP/worker-aware dataset.
 
-Nothing in a cache is trusted: the manifest is validated field by field (`format.load_manifest`),
+Nothing in a cache is trusted: the manifest is validated field by field (`format.Manifest.load`),
 every shard is opened through `format.shard_path` (names must be `shard-NNNNN.parquet`, no symbolic
 links, nothing outside the folder) and with `O_NOFOLLOW`, and every listed shard must exist with its
 listed size before any is read.
@@ -12,10 +12,10 @@ Batches (from `iter_batches` and `dataset`) are dicts of CPU tensors; B windows,
 - `labels`         int64   [B, T]     the window's tokens `[:, 1:]`  (the next token at each position)
 - `target_logprob` float32 [B, T]     teacher log p(labels)
 - `topk_ids`       int64   [B, T, k]  teacher top-k token ids, by descending log-prob
-- `topk_logprobs`  float32 [B, T, k]  their log-probs (normalised over the whole vocabulary)
+- `topk_logprobs`  float32 [B, T, k]  their log-probs (normalised over the usable vocabulary)
 - `tail_logmass`   float32 [B, T]     log of the probability mass outside the top-k
 
-A `sampled` cache (`reader.sampled`; its k is S) gives, instead of the three top-k entries:
+A `samples` payload (`reader.payload == "samples"`; its k is S) gives, instead of the three top-k entries:
 
 - `sample_ids`     int64   [B, T, S]  distinct ids among S draws from the teacher's full softmax
 - `sample_counts`  int32   [B, T, S]  how often each was drawn (sum S per position; 0 = padding)
@@ -23,12 +23,7 @@ A `sampled` cache (`reader.sampled`; its k is S) gives, instead of the three top
 `read_shard(index)` returns the stored layout as numpy instead (`input_ids` is the whole window,
 [rows, T + 1], int32).
 
-Reading with `datasets` (shards are plain Parquet; the flat top-k lists reshape to [T, k])::
-
-    import datasets, glob
-    ds = datasets.load_dataset("parquet", data_files=sorted(glob.glob("CACHE/shard-*.parquet")),
-                               split="train")
-    row = ds[0]   # window_id, input_ids (T + 1), target_logprob (T), topk_ids (T * k), ...
+Reading with `datasets` alone: `logitcache.integrations.datasets.cache_transform`.
 """
 
 from __future__ import annotations
