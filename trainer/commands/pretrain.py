@@ -73,31 +73,38 @@ def build_model(spec: str, tokenizer, seed: int):
 def make_ce_loss(vocab: int, chunk_size: int | None = 1024):
     """Next-token CE over the first `vocab` logit columns, as a loop loss.
 
-    The float32 log-softmax is taken `chunk_size` positions at a time, each chunk under
-    activation checkpointing (as trainer.losses.distill_loss does), so a large vocabulary never
-    needs a float32 copy of all the logits at once.
+    `loss_fn(logits, batch)` returns the mean CE over the positions of `batch["loss_mask"]` (bool,
+    `labels`' shape; every position when absent; 0 with a zero gradient when none is set) and the
+    metrics `loss`, `ce` and `n_tokens` (the number of those positions). The float32 log-softmax is
+    taken `chunk_size` positions at a time, each chunk under activation checkpointing (as
+    trainer.losses.distill_loss does), so a large vocabulary never needs a float32 copy of all
+    the logits at once.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
 
     from trainer.losses import cross_entropy
 
-    def chunk_sum(flat, labels):
-        return cross_entropy(flat, labels, torch.ones_like(labels, dtype=torch.bool)) * labels.shape[0]
+    def chunk_sum(flat, labels, mask):
+        return cross_entropy(flat, labels, mask) * mask.sum()    # the mean over the chunk's positions, summed
 
     def loss_fn(logits, batch: dict):
         labels = batch["labels"].reshape(-1)
         n = labels.shape[0]
-        flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
+        mask = (batch["loss_mask"].reshape(-1) if "loss_mask" in batch
+                else torch.ones_like(labels, dtype=torch.bool))
+        flat = logits[..., :vocab] if logits.shape[-1] > vocab else logits
+        flat = flat.reshape(n, flat.shape[-1])
+        count = mask.sum()
         if chunk_size is None or n <= chunk_size:
-            loss = chunk_sum(flat, labels) / n
+            loss = chunk_sum(flat, labels, mask) / count.clamp_min(1)
         else:
             grad = torch.is_grad_enabled() and flat.requires_grad
-            total = sum(checkpoint(chunk_sum, flat[s:s + chunk_size], labels[s:s + chunk_size], use_reentrant=False)
-                        if grad else chunk_sum(flat[s:s + chunk_size], labels[s:s + chunk_size])
-                        for s in range(0, n, chunk_size))
-            loss = total / n
-        return loss, {"loss": loss.detach(), "ce": loss.detach()}
+            chunks = [(flat[s:s + chunk_size], labels[s:s + chunk_size], mask[s:s + chunk_size])
+                      for s in range(0, n, chunk_size)]
+            total = sum(checkpoint(chunk_sum, *c, use_reentrant=False) if grad else chunk_sum(*c) for c in chunks)
+            loss = total / count.clamp_min(1)
+        return loss, {"loss": loss.detach(), "ce": loss.detach(), "n_tokens": count}
 
     return loss_fn
 

@@ -49,8 +49,11 @@ def batch_distill_loss(
     beta: float = 0.5,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, metrics)`` of a student's ``logits [B, T, V']`` on one cache batch, every position counted.
+    """``(loss, metrics)`` of a student's ``logits [B, T, V']`` on one cache batch.
 
+    Means over the positions of ``batch["loss_mask"]`` (bool, ``labels``' shape), or over every
+    position when the batch has none; ``metrics["n_tokens"]`` is their number. ``logits`` may
+    have any leading dims that match ``labels`` (``[n, V']`` for a batch of n positions).
     Only the first ``vocab`` logit columns are used (a student may pad its output layer).
     Top-k payload: :func:`distill_loss` with ``kind`` (``forward_kl``, ``reverse_kl`` or
     ``jsd``) and the other options, CE on ``batch["labels"]`` always passed so it is logged.
@@ -65,8 +68,10 @@ def batch_distill_loss(
                             else "kind='sampled' needs draws (sample_ids/sample_counts)"))
     labels = batch["labels"].reshape(-1)
     n = labels.shape[0]
-    flat = (logits[..., :vocab] if logits.shape[-1] > vocab else logits).reshape(n, -1)
-    mask = torch.ones(n, dtype=torch.bool, device=labels.device)
+    flat = logits[..., :vocab] if logits.shape[-1] > vocab else logits
+    flat = flat.reshape(n, flat.shape[-1])            # an explicit width: n may be 0
+    mask = (batch["loss_mask"].reshape(n) if "loss_mask" in batch
+            else torch.ones(n, dtype=torch.bool, device=labels.device))
     if payload == "topk":
         k = batch["topk_ids"].shape[-1]
         return distill_loss(flat, batch["topk_ids"].reshape(n, k), batch["topk_logprobs"].reshape(n, k),
