@@ -6,6 +6,14 @@ and clipping, bf16 autocast on CUDA, DDP, periodic evaluation, atomic checkpoint
 metrics.jsonl and the final Hugging Face checkpoint -- lives in `train` below, one function whose
 sections always run in the same order: lr, eval/checkpoint, forward/backward, step, log.
 
+Loss positions: a batch may carry `loss_mask` (bool [B, T], True where the prediction of
+`labels[:, t]` carries a loss; absent = every position), `attention_mask` and `position_ids` (both
+[B, T], passed to the model when present). The gradient of a step is the sum of the per-token losses
+over all its loss tokens -- every micro-batch of the accumulation, every rank -- divided by their
+number, as one large batch would give; a mean per micro-batch would weigh a token of a micro-batch
+with few loss tokens more than one of a micro-batch with many. With a `loss_mask` the LM head runs
+at the loss positions only (trainer.logits.LogitsAt) and the loss function sees those positions.
+
 Exact resume: batch `i` is a pure function of (seed, i), the learning rate a pure function of the
 step, and a checkpoint stores the float32 weights, the full optimizer state and the RNG states, so
 N steps and N/2 + resume + N/2 give bit-identical weights on CPU.
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,9 +40,11 @@ from logitcache.errors import UserError
 from trainer.checkpoint import find_checkpoint, load_checkpoint, local_rng_tensors, read_state, save_checkpoint
 from trainer.config import RUN_CONFIG_NAME, RunConfig, resume_differences
 from trainer.evaluate import autocast_for
+from trainer.logits import LogitsAt
 
 METRICS_NAME = "metrics.jsonl"
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")   # batch fields the model reads
 EvalFn = Callable[[nn.Module], "dict[str, float]"]
 
 
@@ -108,15 +119,13 @@ class MetricsLog:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
-def _all_reduce_mean(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
-    if not values:
-        return {}
-    keys = sorted(values)
-    t = torch.stack([values[k].detach().double() for k in keys])
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return dict(zip(keys, t.tolist()))
+def _sum_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """`values` summed over the ranks (on the process group's device; unchanged with one rank)."""
+    if env.world == 1:
+        return values
+    t = values.to(env.device if env.device.type == "cuda" else torch.device("cpu"))
+    dist.all_reduce(t)
+    return t
 
 
 def _gather_rng(env: DistEnv) -> list[dict[str, torch.Tensor]]:
@@ -168,17 +177,52 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def loss_tokens(batch: dict) -> int:
+    """How many positions of a (CPU) micro-batch carry a loss: its `loss_mask`'s, else all of them."""
+    labels = batch["labels"]
+    mask = batch.get("loss_mask")
+    if mask is None:
+        return labels.numel()
+    if mask.dtype != torch.bool or mask.shape != labels.shape:
+        raise ValueError(f"loss_mask must be bool {tuple(labels.shape)} like labels, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    return int(mask.sum())
+
+
+def at_loss_positions(batch: dict) -> tuple[torch.Tensor, dict]:
+    """(index, loss batch) of a micro-batch with a `loss_mask` [B, T].
+
+    `index` int64 [n] lists the loss positions of the flattened B * T in row-major order (the
+    order LogitsAt returns their logits in); the loss batch holds every per-position field other
+    than the model's inputs (labels, the teacher's top-k or draws, ...) at those positions,
+    [n, ...], and no loss_mask: all n positions count. Per-row fields (window_id) are left out.
+    """
+    mask = batch["loss_mask"]
+    b, t = mask.shape
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    picked = {k: v.reshape(b * t, *v.shape[2:]).index_select(0, index) for k, v in batch.items()
+              if k not in MODEL_INPUTS and k != "loss_mask" and tuple(v.shape[:2]) == (b, t)}
+    return index, picked
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 
 
 def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: LossFn,
-          evaluate: EvalFn | None, tokenizer, resume: bool = False) -> dict:
+          evaluate: EvalFn | None, tokenizer, resume: bool = False, head_at_loss_positions: bool = True) -> dict:
     """Train `model` (float32, on CPU or `env.device`) on `source`'s batches; return a summary.
 
     `source.stream(start, count, ...)` yields this rank's micro-batches from `start` on (see
-    trainer.data); `loss_fn(logits, batch)` returns (loss, detached metrics); `evaluate(model)`
-    returns held-out metrics (collective under DDP).
+    trainer.data) and `source.seq_len` is their length; `evaluate(model)` returns held-out
+    metrics (collective under DDP).
+
+    `loss_fn(logits, batch)` returns (loss, detached metrics), `loss` being the MEAN over the
+    batch's loss positions (its `loss_mask`, or every position without one) and each metric a
+    mean over them too. `logits` has `batch["labels"]`'s leading dims plus V: [B, T, V] for a full
+    batch, or [n, V] with every per-position field at the same n positions when the head ran at
+    the loss positions only (a batch with a `loss_mask` and `head_at_loss_positions`; False
+    computes the logits everywhere and leaves the mask to `loss_fn`).
     """
     cfg = run.train
     out = Path(run.out)
@@ -205,15 +249,18 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
         run.save(out / RUN_CONFIG_NAME)
     log = MetricsLog(out / METRICS_NAME, start_step if ckpt is not None else None) if env.is_main else None
 
+    # DDP wraps the forward that runs: the model's logits, at the loss positions only for masked batches
+    student = LogitsAt(model, (lambda m: print(m, file=sys.stderr, flush=True)) if env.is_main else None)
     ddp_model = nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if env.world > 1 else model
+        student, device_ids=[device.index] if device.type == "cuda" else None) if env.world > 1 else student
     micro_batches = (last_step - step) * cfg.grad_accum
     loader = source.stream(step * cfg.grad_accum, micro_batches, workers=cfg.workers,
                            pin_memory=device.type == "cuda")
     tokens_per_step = cfg.batch_size * source.seq_len * cfg.grad_accum * env.world
     bar = tqdm(total=cfg.steps, initial=step, desc=run.command, dynamic_ncols=True,
                disable=not (env.is_main and cfg.progress))
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor | float] = {}  # metric * loss tokens since the last log
+    window_tokens, grad_norms = 0, 0.0
     window_steps, t_window, wait_window, paused = 0, time.perf_counter(), 0.0, 0.0
     summary: dict = {"start_step": start_step}
 
@@ -246,29 +293,43 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
             break
         paused += time.perf_counter() - t_pause     # evaluation and saving do not count as step time
 
-        # ---- forward / backward: grad_accum micro-batches, gradients synced on the last one
+        # ---- forward / backward: grad_accum micro-batches, gradients synced on the last one. All of
+        # the step's micro-batches are fetched first: the gradient is the loss SUMMED over the step's
+        # loss tokens (every micro-batch, every rank) over their number, which must be known before
+        # the first backward.
         t_step = time.perf_counter()
-        for micro in range(cfg.grad_accum):
-            t_wait = time.perf_counter()
-            batch = _to_device(next(loader), device)
-            wait_window += time.perf_counter() - t_wait
+        t_wait = time.perf_counter()
+        step_batches = [next(loader) for _ in range(cfg.grad_accum)]
+        wait_window += time.perf_counter() - t_wait
+        counts = [loss_tokens(b) for b in step_batches]                 # on the CPU: no device sync
+        total = int(_sum_over_ranks(torch.tensor([sum(counts)]), env).item())
+        for micro, (batch, n_loss) in enumerate(zip(step_batches, counts)):
+            index, loss_batch = (at_loss_positions(batch) if head_at_loss_positions and "loss_mask" in batch
+                                 else (None, batch))
+            inputs = _to_device({k: batch[k] for k in MODEL_INPUTS if k in batch}, device)
+            loss_batch = _to_device(loss_batch, device)
             sync = micro == cfg.grad_accum - 1
             with ddp_model.no_sync() if env.world > 1 and not sync else nullcontext():
                 with autocast_for(device):
-                    logits = ddp_model(input_ids=batch["input_ids"], use_cache=False).logits
-                loss, metrics = loss_fn(logits, batch)
-                (loss / cfg.grad_accum).backward()
+                    logits = ddp_model(**inputs, index=None if index is None else index.to(device))
+                loss, metrics = loss_fn(logits, loss_batch)
+                # `loss` is the mean over n_loss tokens; times n_loss * world / total it is their sum
+                # over the step's tokens per rank, and DDP's mean over the ranks then gives the sum
+                # over all of them / total. Written as one division so that equal micro-batches (no
+                # loss_mask) divide by exactly grad_accum, as before masks existed. A micro-batch
+                # without loss tokens still runs backward (DDP's hooks expect one) with zero weight.
+                (loss / (total / (n_loss * env.world)) if n_loss else loss * 0.0).backward()
             for k, v in metrics.items():
-                if k == "n_tokens":
-                    continue
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+                if k != "n_tokens":     # logged: per-token means over the window, so weighted by tokens
+                    sums[k] = sums.get(k, 0.0) + (v.detach().double() * n_loss if n_loss else 0.0)
+            window_tokens += n_loss
             del logits, loss
 
         # ---- step: clip, update, zero
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+        grad_norms += grad_norm.detach().float()       # the same on every rank (DDP synced the gradients)
         step += 1
         window_steps += 1
         bar.update(1)
@@ -277,9 +338,13 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
         if step % cfg.log_every == 0 or step == last_step:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            means = _all_reduce_mean({k: v / window_steps for k, v in sums.items()}, env.world)
+            keys = sorted(sums)
+            totals = _sum_over_ranks(torch.tensor([float(sums[k]) for k in keys] + [float(window_tokens)],
+                                                  dtype=torch.float64), env).tolist()
+            means = {k: v / max(totals[-1], 1.0) for k, v in zip(keys, totals)}
             elapsed = time.perf_counter() - t_window - paused
-            entry = {"kind": "train", "step": step, "lr": lr, **means,
+            entry = {"kind": "train", "step": step, "lr": lr, **means, "grad_norm": float(grad_norms) / window_steps,
+                     "loss_tokens_per_step": totals[-1] / window_steps,
                      "tokens": step * tokens_per_step,
                      "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
                      "step_time_s": elapsed / window_steps,
@@ -291,7 +356,8 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
                 log.write(entry)
             bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", tok_s=f"{entry['tokens_per_s']:.0f}")
             summary["train"] = entry
-            sums, window_steps, t_window, wait_window, paused = {}, 0, time.perf_counter(), 0.0, 0.0
+            sums, window_tokens, grad_norms = {}, 0, 0.0
+            window_steps, t_window, wait_window, paused = 0, time.perf_counter(), 0.0, 0.0
 
     bar.close()
     if hasattr(loader, "close"):
