@@ -324,3 +324,28 @@ def test_pretrain_loop_with_masks_trains_on_masked_positions_only(monkeypatch, t
     assert entries[0]["loss"] == pytest.approx(ref, abs=1e-9)
     assert entries[0]["loss_tokens_per_step"] == int(mask.sum())
     assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_evaluate_cache_measures_masked_positions_only():
+    from trainer.evaluate import evaluate_cache
+
+    batch = masked_rows([12, 9, 5], [4, 0, 2], seed=8)
+
+    class Reader:       # what evaluate_cache reads of a CacheReader
+        num_windows = 3
+
+        @staticmethod
+        def iter_batches(batch_size):
+            yield batch
+
+    model = student().eval()
+    got = evaluate_cache(model, Reader, vocab=VOCAB)
+    mask = batch["loss_mask"]
+    n = int(mask.sum())
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., :VOCAB]
+    _, ref = distill_loss(logits[mask], batch["topk_ids"][mask], batch["topk_logprobs"][mask],
+                          batch["tail_logmass"][mask], batch["labels"][mask], torch.ones(n, dtype=torch.bool))
+    assert got["tokens"] == n
+    assert got["kl"] == pytest.approx(float(ref["kd"]), abs=1e-9)
+    assert got["ce"] == pytest.approx(float(ref["ce"]), abs=1e-9)

@@ -86,7 +86,8 @@ def evaluate_cache(model, reader, *, batch_size: int = 8, device: torch.device |
     """CE on the cache's windows and forward KL(teacher || student) over the (k+1)-way buckets.
 
     Reads the first `max_windows` windows of the cache in window order; under DDP rank r takes
-    every world-th batch.
+    every world-th batch. A batch with a `loss_mask` is measured at its positions only (`tokens`
+    counts them), and its `attention_mask` / `position_ids` go to the model.
     """
     device = torch.device(device)
     rank, world = _rank_world()
@@ -104,18 +105,21 @@ def evaluate_cache(model, reader, *, batch_size: int = 8, device: torch.device |
             if j % world != rank:
                 continue
             b = {k: v[:take].to(device) for k, v in batch.items()}
+            inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids") if k in b}
             with autocast_for(device):
-                logits = model(input_ids=b["input_ids"], use_cache=False).logits
+                logits = model(**inputs, use_cache=False).logits
             if vocab is not None and logits.shape[-1] > vocab:
                 logits = logits[..., :vocab]
             n_pos = b["labels"].numel()
             k = b["topk_ids"].shape[-1]
+            # positions without a loss (a conversation's prompt, padding) are not measured either
+            mask = (b["loss_mask"].reshape(n_pos) if "loss_mask" in b
+                    else torch.ones(n_pos, dtype=torch.bool, device=device))
             _, m = distill_loss(logits.reshape(n_pos, -1), b["topk_ids"].reshape(n_pos, k),
                                 b["topk_logprobs"].reshape(n_pos, k), b["tail_logmass"].reshape(n_pos),
-                                b["labels"].reshape(n_pos), torch.ones(n_pos, dtype=torch.bool, device=device),
-                                kind="forward_kl", chunk_size=chunk_size)
+                                b["labels"].reshape(n_pos), mask, kind="forward_kl", chunk_size=chunk_size)
             sums += torch.tensor([m["kd"].item(), m["ce"].item(), m["teacher_tail_mass"].item(),
-                                  m["student_tail_mass"].item(), 1.0], dtype=torch.float64) * n_pos
+                                  m["student_tail_mass"].item(), 1.0], dtype=torch.float64) * m["n_tokens"].item()
     finally:
         model.train(was_training)
     kl, ce, tail_t, tail_s, count = _reduce(sums.tolist(), device)
