@@ -19,7 +19,14 @@ alternate (CE, KD, KD without workers) `--repeats` times and the ratio is the me
 since a shared machine's load drifts. `cpu_ratio` is the same ratio in CPU time of the training
 process over whole runs (saving included, the reader's workers not): on a CPU shared with other jobs
 it is steadier than wall time. The ratio KD/CE measures what distillation from a cache costs over
-plain training; the target is <= 1.10. The last line is JSON.
+plain training; the target is <= 1.10.
+
+Loss positions: KD is run twice more on the same cache batches with a synthetic `loss_mask` (one
+contiguous span of ~30% of each window, as an assistant reply in a conversation would be): with the
+LM head and the loss at the masked positions only (what `train` does with a loss_mask) and with
+them computed everywhere and masked afterwards (`head_at_loss_positions=False`).
+`masked_head_ratio` is the first step time over the second (median over repeats). The last line is
+JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +57,29 @@ from trainer.data import CacheBatches, WindowBatches  # noqa: E402
 from trainer.loop import DistEnv, train  # noqa: E402
 
 TARGET = 1.10
+MASKED_FRACTION = 0.3     # positions carrying a loss in the masked runs
+
+
+class MaskedBatches:
+    """A cache batch source whose batches carry a `loss_mask`: per window, one contiguous span of
+    `fraction` of its positions, at an offset drawn from the window id (the same in every run)."""
+
+    def __init__(self, inner: CacheBatches, fraction: float):
+        self.inner, self.fraction = inner, fraction
+
+    @property
+    def seq_len(self) -> int:
+        return self.inner.seq_len
+
+    def stream(self, start: int, count: int, workers: int = 0, pin_memory: bool = False):
+        t = self.seq_len
+        span = max(1, round(self.fraction * t))
+        for batch in self.inner.stream(start, count, workers=workers, pin_memory=pin_memory):
+            offsets = torch.as_tensor([np.random.default_rng(int(w)).integers(0, t - span + 1)
+                                       for w in batch["window_id"]])
+            pos = torch.arange(t)
+            batch["loss_mask"] = (pos >= offsets[:, None]) & (pos < offsets[:, None] + span)
+            yield batch
 
 
 def llama(vocab: int, hidden: int, layers: int, heads: int, ffn: int, seq_len: int, seed: int):
@@ -100,13 +130,13 @@ def make_cache(path: Path, windows: np.ndarray, teacher, k: int, encoding: str, 
 
 
 def timed_run(name: str, student_state: dict, make_student, source, loss_fn, out: Path, cfg: TrainConfig,
-              device: torch.device, skip: int) -> dict:
+              device: torch.device, skip: int, head_at_loss_positions: bool = True) -> dict:
     model = make_student()
     model.load_state_dict(student_state)
     run = RunConfig(command="pretrain" if name == "ce" else "distill", model="bench", out=str(out), train=cfg)
     t0, c0 = time.perf_counter(), time.process_time()
     train(model, run=run, env=DistEnv(0, 1, 0, device), source=source, loss_fn=loss_fn, evaluate=None,
-          tokenizer=None)
+          tokenizer=None, head_at_loss_positions=head_at_loss_positions)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     entries = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [e for e in entries if e["kind"] == "train"][skip:]
@@ -203,20 +233,23 @@ def main() -> None:
         n_read += 1
     reader_batch_s = (time.perf_counter() - t) / n_read
 
-    sources = {"ce": (lambda: WindowBatches(windows, batch, seed=0), make_ce_loss(vocab), 0),
-               "kd": (lambda: CacheBatches(reader, batch, seed=0), kd_loss, args.workers),
-               "kd_workers0": (lambda: CacheBatches(reader, batch, seed=0), kd_loss, 0)}
+    masked = lambda: MaskedBatches(CacheBatches(reader, batch, seed=0), MASKED_FRACTION)
+    sources = {"ce": (lambda: WindowBatches(windows, batch, seed=0), make_ce_loss(vocab), 0, True),
+               "kd": (lambda: CacheBatches(reader, batch, seed=0), kd_loss, args.workers, True),
+               "kd_workers0": (lambda: CacheBatches(reader, batch, seed=0), kd_loss, 0, True),
+               "kd_masked_head": (masked, kd_loss, args.workers, True),     # head + loss at loss positions
+               "kd_masked_full": (masked, kd_loss, args.workers, False)}    # everywhere, then masked
     runs: dict[str, list[dict]] = {name: [] for name in sources}
     for rep in range(repeats):          # alternate the runs, so load changes hit all of them alike
-        for name, (make_source, loss_fn, workers) in sources.items():
+        for name, (make_source, loss_fn, workers, head) in sources.items():
             r = timed_run(name, state, make_student, make_source(), loss_fn, work / f"{name}-{rep}",
-                          TrainConfig(**cfg, workers=workers), device, skip)
+                          TrainConfig(**cfg, workers=workers), device, skip, head_at_loss_positions=head)
             runs[name].append(r)
             print(f"{name:>12}: median step {r['median_step_s'] * 1e3:8.1f} ms, {r['tokens_per_s']:9.0f} "
                   f"tokens/s, waiting for data {r['wait_fraction']:.1%} (workers={workers})", flush=True)
 
-    def ratio_of(name: str) -> float:
-        return statistics.median(k_["median_step_s"] / c["median_step_s"] for k_, c in zip(runs[name], runs["ce"]))
+    def ratio_of(name: str, base: str = "ce") -> float:
+        return statistics.median(k_["median_step_s"] / c["median_step_s"] for k_, c in zip(runs[name], runs[base]))
 
     def step_ms(name: str) -> float:
         return statistics.median(r["median_step_s"] for r in runs[name]) * 1e3
@@ -235,6 +268,10 @@ def main() -> None:
         "ce_step_ms": round(step_ms("ce"), 2), "kd_step_ms": round(step_ms("kd"), 2),
         "reader_batch_ms": round(reader_batch_s * 1e3, 2),
         "loss_only_ce_ms": round(loss_ms["ce"], 2), "loss_only_kd_ms": round(loss_ms["kd"], 2),
+        "masked_loss_fraction": MASKED_FRACTION,
+        "masked_head_ratio": round(ratio_of("kd_masked_head", "kd_masked_full"), 4),
+        "masked_head_step_ms": round(step_ms("kd_masked_head"), 2),
+        "masked_full_step_ms": round(step_ms("kd_masked_full"), 2),
         "tokens_per_step": batch * size["seq_len"], "student_params": n_params, "k": k,
         "encoding": args.encoding, "workers": args.workers, "logits_chunk": args.logits_chunk,
         "device": str(device), "quick": args.quick, "repeats": repeats, "measured_steps": steps - skip,
