@@ -349,3 +349,11 @@ def test_evaluate_cache_measures_masked_positions_only():
     assert got["tokens"] == n
     assert got["kl"] == pytest.approx(float(ref["kd"]), abs=1e-9)
     assert got["ce"] == pytest.approx(float(ref["ce"]), abs=1e-9)
+
+
+def test_a_loss_mask_that_is_not_bool_like_labels_is_refused():
+    batch = masked_rows([12, 6], [4, 1], kd=False)
+    with pytest.raises(ValueError, match="loss_mask must be bool"):
+        loss_tokens({**batch, "loss_mask": batch["loss_mask"].long()})
+    with pytest.raises(ValueError, match="loss_mask must be bool"):
+        loss_tokens({**batch, "loss_mask": batch["loss_mask"][:, :-1]})

@@ -87,7 +87,7 @@ def make_kd_loss(loss_cfg: LossConfig, vocab: int):
     Each batch's payload picks the estimator (trainer.losses.batch_distill_loss): top-k sets
     get `loss_cfg.loss` over the k + 1 buckets, draws get random-sampling KD. CE on the true
     next token is always computed, so it is logged even when `alpha_ce` is 0 (it then carries
-    no graph).
+    no graph). Means over the batch's `loss_mask` positions (every position without one).
     """
     from trainer.losses import batch_distill_loss
 
