@@ -16,6 +16,8 @@ from logitcache.format.manifest import (
     FORMAT_MINOR_VERSION,
     FORMAT_NAME,
     FORMAT_VERSION,
+    LAYOUT_SEQUENCES,
+    LAYOUT_WINDOWS,
     PAYLOAD_SAMPLES,
     PAYLOAD_TOPK,
     PAYLOADS,
@@ -31,7 +33,9 @@ from logitcache.format.manifest import (
     parse_manifest,
 )
 from logitcache.format.schema import (
+    BASE_COLUMNS,
     COL_INPUT_IDS,
+    COL_LOSS_POSITIONS,
     COL_TARGET_LOGPROB,
     COL_WINDOW_ID,
     MANIFEST_NAME,
@@ -55,6 +59,6 @@ __all__ = [
     "FORMAT_VERSION", "MANIFEST_FIELDS", "MANIFEST_NAME", "PAYLOAD_SAMPLES", "PAYLOAD_TOPK", "PAYLOADS", "DataInfo",
     "EncodingSpec", "Manifest", "ProducerInfo", "ShardEntry", "TeacherInfo", "TokenizerInfo", "expected_rows",
     "load_manifest", "manifest_bytes", "manifest_checksum_problem", "parse_manifest", "write_manifest",
-    "COL_INPUT_IDS", "COL_TARGET_LOGPROB", "COL_WINDOW_ID", "SHARD_PATTERN", "base_schema", "open_shard_fd",
-    "shard_name", "shard_path",
+    "BASE_COLUMNS", "COL_INPUT_IDS", "COL_LOSS_POSITIONS", "LAYOUT_SEQUENCES", "LAYOUT_WINDOWS", "COL_TARGET_LOGPROB",
+    "COL_WINDOW_ID", "SHARD_PATTERN", "base_schema", "open_shard_fd", "shard_name", "shard_path",
 ]

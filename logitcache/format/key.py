@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from logitcache.format.manifest import FORMAT_VERSION
+from logitcache.format.manifest import FORMAT_VERSION, LAYOUT_SEQUENCES, WINDOWS_FORMAT_VERSION
 
 
 def canonical_json(obj: Any) -> str:
@@ -24,7 +24,7 @@ def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict
     changes every value), so the keys of unpadded teachers' caches are what they always were.
     """
     identity = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if data.get("layout") == LAYOUT_SEQUENCES else WINDOWS_FORMAT_VERSION,
         "teacher": {f: teacher.get(f) for f in ("name_or_path", "revision", "config_sha256",
                                                  "weights_fingerprint", "dtype")},
         "tokenizer": tokenizer["fingerprint"],
@@ -33,6 +33,8 @@ def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict
         "k": k,
         "encoding": {"name": encoding["name"], "params": encoding.get("params", {})},
     }
+    if data.get("layout") == LAYOUT_SEQUENCES:    # how the rows were made (template, masks policy)
+        identity["chat"] = data.get("chat")
     usable = teacher.get("usable_vocab_size")
     if usable is not None and usable != teacher.get("vocab_size"):
         identity["teacher"]["usable_vocab_size"] = usable

@@ -16,8 +16,13 @@ from logitcache.format.schema import MANIFEST_NAME, SHARD_PATTERN
 from logitcache.format.seal import write_manifest
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 1          # major: readers MUST reject a newer one
+FORMAT_VERSION = 2          # the newest major version read and written; readers MUST reject a newer one
 FORMAT_MINOR_VERSION = 1    # minor: additive fields only; 1.0 manifests have no `payload`
+WINDOWS_FORMAT_VERSION = 1  # fixed-window caches are still written as 1.x, so 1.x readers open them
+
+LAYOUT_WINDOWS = "windows"      # every row a window of seq_len positions, every position stored
+LAYOUT_SEQUENCES = "sequences"  # rows of their own length (2.x); only loss positions stored
+LAYOUTS = (LAYOUT_WINDOWS, LAYOUT_SEQUENCES)
 
 PAYLOAD_TOPK = "topk"           # top-k ids + log-probs + the tail mass per position
 PAYLOAD_SAMPLES = "samples"     # distinct ids + counts of S draws per position
@@ -36,6 +41,7 @@ _KINDS = {
     "int?": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
     "bool": lambda v: isinstance(v, bool),
     "dict": lambda v: isinstance(v, dict),
+    "dict?": lambda v: v is None or isinstance(v, dict),
     "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
 }
 
@@ -132,7 +138,9 @@ class TokenizerInfo(_Fields):
 
 @dataclass(frozen=True)
 class DataInfo(_Fields):
-    """The windows a cache covers: `num_windows` windows of `seq_len` positions each."""
+    """The rows a cache covers. `windows` layout: `num_windows` windows of `seq_len` positions each.
+    `sequences` layout: `num_windows` rows (conversations or documents) of at most `seq_len`
+    positions, of which `loss_tokens` carry a loss and are stored; `chat` says how they were made."""
 
     fingerprint: str = _kind("str")
     seq_len: int = _kind("count")
@@ -140,6 +148,15 @@ class DataInfo(_Fields):
     source: str | None = _kind("str?")
     text_column: str | None = _kind("str?")
     num_tokens: int | None = _kind("count?")
+    layout: str | None = _kind("str?")
+    loss_tokens: int | None = _kind("count?")
+    chat: dict | None = _kind("dict?")
+
+    _omit_when_none = ("layout", "loss_tokens", "chat")
+
+    @property
+    def sequences(self) -> bool:
+        return self.layout == LAYOUT_SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -173,7 +190,7 @@ class ShardEntry(_Fields):
         return _record_dict(self)
 
     @classmethod
-    def parse(cls, d: Any, where: Path | str, seq_len: int) -> "ShardEntry":
+    def parse(cls, d: Any, where: Path | str, seq_len: int, sequences: bool = False) -> "ShardEntry":
         if not isinstance(d, dict):
             raise UserError(f"{where}: invalid manifest: shard entry must be an object")
         name = d.get("name")
@@ -182,7 +199,10 @@ class ShardEntry(_Fields):
         _require(int(match.group(1)) == d.get("index"), where, f"{name}: index disagrees with name")
         for f in ("index", "first_window", "rows", "tokens", "bytes"):
             _require(_is_count(d.get(f)), where, f"{name}: {f} must be a non-negative integer")
-        _require(d["tokens"] == d["rows"] * seq_len, where, f"{name}: tokens != rows * seq_len")
+        if sequences:   # tokens counts the stored (loss) positions: at most seq_len a row
+            _require(d["tokens"] <= d["rows"] * seq_len, where, f"{name}: tokens > rows * seq_len")
+        else:
+            _require(d["tokens"] == d["rows"] * seq_len, where, f"{name}: tokens != rows * seq_len")
         _require(_KINDS["sha256"](d.get("sha256")), where, f"{name}: sha256 must be 64 hex digits")
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
@@ -222,6 +242,11 @@ class Manifest(_Fields):
     @property
     def seq_len(self) -> int:
         return self.data.seq_len
+
+    @property
+    def sequences(self) -> bool:
+        """Rows of their own length with only loss positions stored (layout `sequences`)."""
+        return self.data.sequences
 
     @property
     def num_windows(self) -> int:
@@ -287,7 +312,7 @@ class Manifest(_Fields):
         if version > FORMAT_VERSION:
             raise UserError(f"{where}: format_version {version} is newer than this reader supports "
                             f"({FORMAT_VERSION}); upgrade logitcache")
-        _require(version == FORMAT_VERSION, where, f"unsupported format_version {version}")
+        _require(version in (WINDOWS_FORMAT_VERSION, FORMAT_VERSION), where, f"unsupported format_version {version}")
         minor = m.get("format_minor_version", 0)
         _require(_is_count(minor), where, "format_minor_version must be a count")
         for name in ("key", "teacher", "tokenizer", "data", "k", "encoding", "producer", "shards",
@@ -304,10 +329,14 @@ class Manifest(_Fields):
         _require(isinstance(m["encoding"], dict) and isinstance(m["encoding"].get("name"), str),
                  where, "encoding.name")
         _require(isinstance(m["complete"], bool), where, "complete must be true or false")
+        layout = data.get("layout") or LAYOUT_WINDOWS
+        _require(layout in LAYOUTS, where, f"data.layout {layout!r:.40} is not one of {', '.join(LAYOUTS)}")
+        _require((layout == LAYOUT_SEQUENCES) == (version >= 2), where,
+                 f"data.layout {layout} needs format_version {2 if layout == LAYOUT_SEQUENCES else 1}")
         payload = m.get("payload", payload_of_encoding(m["encoding"]["name"]))
         _require(payload in PAYLOADS, where, f"payload {payload!r:.40} is not one of {', '.join(PAYLOADS)}")
         _require(isinstance(m["shards"], list), where, "shards must be a list")
-        shards = [ShardEntry.parse(e, where, data["seq_len"]) for e in m["shards"]]
+        shards = [ShardEntry.parse(e, where, data["seq_len"], layout == LAYOUT_SEQUENCES) for e in m["shards"]]
         names = [e.name for e in shards]
         for name in names:
             _require(names.count(name) == 1, where, f"{name} listed twice")
@@ -354,7 +383,8 @@ class Manifest(_Fields):
     def header(cls, *, key: str, k: int, rows_per_shard: int, num_shards: int, teacher: dict, tokenizer: dict,
                data: dict, encoding: dict, producer: dict, payload: str = PAYLOAD_TOPK) -> "Manifest":
         """A manifest with no shards yet, from the producer's descriptions (validated as if read)."""
-        return cls.from_dict({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        version = FORMAT_VERSION if data.get("layout") == LAYOUT_SEQUENCES else WINDOWS_FORMAT_VERSION
+        return cls.from_dict({"format": FORMAT_NAME, "format_version": version,
                               "format_minor_version": FORMAT_MINOR_VERSION, "key": key, "k": k,
                               "payload": payload, "rows_per_shard": rows_per_shard, "num_shards": num_shards,
                               "teacher": teacher, "tokenizer": tokenizer, "data": data, "encoding": encoding,

@@ -18,16 +18,26 @@ SHARD_PATTERN = re.compile(r"^shard-(\d{5,9})\.parquet$")
 COL_WINDOW_ID = "window_id"          # int64: index of the window in the data's packed windows
 COL_INPUT_IDS = "input_ids"          # list<int32>, seq_len + 1 tokens (the last is the final target)
 COL_TARGET_LOGPROB = "target_logprob"  # list<float32>, seq_len: teacher log p(actual next token)
+# sequences layout (2.x): input_ids holds the row's own n tokens; the payload and target_logprob are
+# stored at its loss positions only, listed here (ascending, each in 0..n-2)
+COL_LOSS_POSITIONS = "loss_positions"  # list<int32>
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def base_schema() -> list[pa.Field]:
-    return [pa.field(COL_WINDOW_ID, pa.int64()),
-            pa.field(COL_INPUT_IDS, pa.list_(pa.int32())),
-            pa.field(COL_TARGET_LOGPROB, pa.list_(pa.float32()))]
+BASE_COLUMNS = (COL_WINDOW_ID, COL_INPUT_IDS, COL_TARGET_LOGPROB, COL_LOSS_POSITIONS)
+
+
+def base_schema(sequences: bool = False) -> list[pa.Field]:
+    """The columns every shard has, before the encoding's payload columns."""
+    fields = [pa.field(COL_WINDOW_ID, pa.int64()),
+              pa.field(COL_INPUT_IDS, pa.list_(pa.int32())),
+              pa.field(COL_TARGET_LOGPROB, pa.list_(pa.float32()))]
+    if sequences:
+        fields.append(pa.field(COL_LOSS_POSITIONS, pa.list_(pa.int32())))
+    return fields
 
 
 def shard_path(cache_dir: Path, entry: dict) -> Path:

@@ -44,6 +44,7 @@ from logitcache.format.manifest import (
     payload_of_encoding,
 )
 from logitcache.format.payloads import Samples, TopK
+from logitcache.producer.rows import sequences_table
 
 ROW_GROUP_SIZE = 64
 DEFAULT_COMPRESSION_LEVEL = 3
@@ -100,7 +101,8 @@ class CacheWriter:
         self.payload = self.manifest.payload
         if self.payload == fmt.PAYLOAD_SAMPLES and self.k != self.encoding.S:
             raise ValueError(f"a samples cache's k must be its S ({self.encoding.S}), not {self.k}")
-        self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
+        self.schema = pa.schema(fmt.base_schema(self.manifest.sequences)
+                                + self.encoding.arrow_fields(self.k, self.seq_len))
         self._levels: dict[str, int] | None = None     # per-column zstd levels, see _column_levels
 
     # -- resume --------------------------------------------------------------------------------
@@ -203,10 +205,36 @@ class CacheWriter:
         `sample_ids` / `sample_counts` [rows, T, S] instead of the three top-k arrays.
         Returns the shard's manifest entry as its JSON object.
         """
+        if self.manifest.sequences:
+            raise ValueError(f"{self.cache_dir}: a sequences cache is written with write_sequences")
         table = self.table(index, input_ids=input_ids, target_logprob=target_logprob,
                            topk_ids=topk_ids, topk_logprobs=topk_logprobs,
                            tail_logmass=tail_logmass, window_ids=window_ids,
                            sample_ids=sample_ids, sample_counts=sample_counts)
+        return self._store(index, table, table.num_rows * self.seq_len)
+
+    def write_sequences(self, index: int, *, input_ids: list[np.ndarray], loss_positions: list[np.ndarray],
+                        payload: TopK | Samples) -> dict:
+        """Write shard `index` of a `sequences` cache atomically and list it; return its entry.
+
+        `input_ids[r]`: row r's own n_r tokens; `loss_positions[r]`: its positions (ascending, in
+        0..n_r-2, at least one) whose target token input_ids[r][p + 1] carries a loss; `payload`:
+        the backend's arrays at those positions, flat over the rows in order (TopK: ids and
+        log-probs [P, k], tail and target log-probs [P]; Samples: ids and counts [P, S], target [P]).
+        """
+        if not self.manifest.sequences:
+            raise ValueError(f"{self.cache_dir}: a windows cache is written with write_shard")
+        if payload.kind != self.payload:
+            raise ValueError(f"{self.cache_dir}: a {self.payload} cache cannot store a {payload.kind} payload")
+        m = self.manifest
+        if not (0 <= index < m.num_shards):
+            raise ValueError(f"shard index {index} outside 0..{m.num_shards - 1}")
+        table = sequences_table(self.schema, self.encoding, payload, input_ids, loss_positions,
+                                first_row=index * m.rows_per_shard, rows=m.expected_rows(index),
+                                seq_len=self.seq_len, k=self.k, token_limit=m.teacher.token_limit)
+        return self._store(index, table, sum(len(p) for p in loss_positions))
+
+    def _store(self, index: int, table: pa.Table, tokens: int) -> dict:
         name = fmt.shard_name(index)
         # the temporary file is created under .lock and flocked until renamed, so a writer opening
         # the folder meanwhile cannot mistake it for a crash leftover
@@ -215,7 +243,7 @@ class CacheWriter:
             f.flush()
             size, digest = os.fstat(f.fileno()).st_size, sha256_file(f.fileno())
         entry = ShardEntry(name=name, index=index, first_window=index * self.manifest.rows_per_shard,
-                           rows=table.num_rows, tokens=table.num_rows * self.seq_len, bytes=size, sha256=digest)
+                           rows=table.num_rows, tokens=tokens, bytes=size, sha256=digest)
         self._add_entry(entry)
         return entry.to_dict()
 

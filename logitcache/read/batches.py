@@ -22,6 +22,12 @@ def to_tensor(x: np.ndarray, dtype) -> torch.Tensor:
 
 
 def torch_batch(a: dict[str, np.ndarray]) -> dict:
+    """Decoded rows -> the tensors of a batch (see logitcache.read.reader). Rows of a `sequences`
+    cache are cut to the batch's longest row and carry `attention_mask` and `loss_mask` [B, T]."""
+    if "lengths" in a:
+        positions = a["lengths"] - 1                                   # (B,) positions of each row
+        t = int(positions.max()) if len(positions) else 0
+        a = {key: (v[:, :t + 1] if key == "input_ids" else v[:, :t] if v.ndim > 1 else v) for key, v in a.items()}
     win = a["input_ids"]
     out = {"window_id": to_tensor(a["window_id"], np.int64),
            "input_ids": to_tensor(win[:, :-1], np.int64),
@@ -33,6 +39,9 @@ def torch_batch(a: dict[str, np.ndarray]) -> dict:
     else:
         out.update(topk_ids=to_tensor(a["topk_ids"], np.int64), topk_logprobs=to_tensor(a["topk_logprobs"], np.float32),
                    tail_logmass=to_tensor(a["tail_logmass"], np.float32))
+    if "lengths" in a:
+        out["attention_mask"] = to_tensor(np.arange(win.shape[1] - 1)[None, :] < positions[:, None], np.int64)
+        out["loss_mask"] = to_tensor(a["loss_mask"], bool)
     return out
 
 

@@ -13,14 +13,21 @@ from logitcache.errors import UserError
 
 
 def decode_rows(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, seq_len: int,
-                where: str) -> dict[str, np.ndarray]:
+                where: str, sequences: bool = False) -> dict[str, np.ndarray]:
     """Rows of a shard -> numpy arrays in the stored layout (vectorised, no row loops).
 
     Every cache gives `window_id` [R] int64, `input_ids` [R, T+1] int32 and `target_logprob` [R, T]
     float32; a `topk` payload adds `topk_ids` [R, T, k] int64, `topk_logprobs` [R, T, k] float32 and
     `tail_logmass` [R, T] float32, a `samples` payload `sample_ids` / `sample_counts` [R, T, S].
     Rows of the wrong length are a UserError naming `where`.
+
+    A `sequences` cache decodes to the same dense arrays, each row padded to `seq_len` positions:
+    `input_ids` is 0 past the row's `lengths` [R] tokens, `loss_mask` [R, T] marks the stored
+    positions, and elsewhere the payload says nothing (ids 0; log-probs -inf and the whole mass in
+    the tail; no draws; target log-prob 0).
     """
+    if sequences:
+        return _decode_sequences(batch, encoding, k, seq_len, where)
     T, rows = seq_len, batch.num_rows
     columns = {name: batch.column(name) for name in batch.schema.names}
     try:
@@ -46,4 +53,44 @@ def decode_rows(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, se
     except (KeyError, ValueError, pa.ArrowException) as exc:
         raise UserError(f"{where}: malformed shard data ({exc})") from None
     out.update(topk_ids=ids, topk_logprobs=values, tail_logmass=tail)
+    return out
+
+
+def _decode_sequences(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, seq_len: int,
+                      where: str) -> dict[str, np.ndarray]:
+    T, rows = seq_len, batch.num_rows
+    samples = encoding.payload == fmt.PAYLOAD_SAMPLES
+    out = {"window_id": np.empty(rows, np.int64), "input_ids": np.zeros((rows, T + 1), np.int32),
+           "lengths": np.zeros(rows, np.int64), "loss_mask": np.zeros((rows, T), bool),
+           "target_logprob": np.zeros((rows, T), np.float32)}
+    if samples:
+        out.update(sample_ids=np.zeros((rows, T, k), np.int64), sample_counts=np.zeros((rows, T, k), np.int32))
+    else:
+        out.update(topk_ids=np.zeros((rows, T, k), np.int64), topk_logprobs=np.full((rows, T, k), -np.inf, np.float32),
+                   tail_logmass=np.zeros((rows, T), np.float32))
+    try:
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        out["window_id"][:] = table.column(fmt.COL_WINDOW_ID).to_numpy()
+        tokens = table.column(fmt.COL_INPUT_IDS).to_pylist()
+        positions = table.column(fmt.COL_LOSS_POSITIONS).to_pylist()
+        targets = table.column(fmt.COL_TARGET_LOGPROB).to_pylist()
+        payload_names = [name for name in table.schema.names if name not in fmt.BASE_COLUMNS]
+        for r in range(rows):
+            n, pos = len(tokens[r]), np.asarray(positions[r], dtype=np.int64)
+            if not 2 <= n <= T + 1 or len(pos) == 0 or pos[0] < 0 or pos[-1] > n - 2 or np.any(np.diff(pos) <= 0):
+                raise ValueError(f"row {r}: {n} tokens with loss positions outside 0..{n - 2} or unordered")
+            if len(targets[r]) != len(pos):
+                raise ValueError(f"row {r}: {len(targets[r])} target log-probs for {len(pos)} loss positions")
+            out["input_ids"][r, :n] = tokens[r]
+            out["lengths"][r] = n
+            out["loss_mask"][r, pos] = True
+            out["target_logprob"][r, pos] = targets[r]
+            decoded = encoding.decode({name: table.column(name).slice(r, 1) for name in payload_names}, k, len(pos))
+            if any(a.shape[:2] != (1, len(pos)) for a in decoded):
+                raise ValueError(f"row {r}: payload columns have the wrong length")
+            names = ("sample_ids", "sample_counts") if samples else ("topk_ids", "topk_logprobs", "tail_logmass")
+            for name, values in zip(names, decoded):
+                out[name][r, pos] = values[0]
+    except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
+        raise UserError(f"{where}: malformed shard data ({exc})") from None
     return out

@@ -96,7 +96,7 @@ class CacheReader:
             if size != e.bytes:
                 raise UserError(f"{self.path / e.name}: {size} bytes, manifest says {e.bytes} "
                                 f"(truncated or replaced); run `logitcache verify {self.path}`")
-        self.schema = pa.schema(fmt.base_schema() + self.encoding.arrow_fields(self.k, self.seq_len))
+        self.schema = pa.schema(fmt.base_schema(m.sequences) + self.encoding.arrow_fields(self.k, self.seq_len))
 
     @property
     def sampled(self) -> bool:
@@ -135,7 +135,8 @@ class CacheReader:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_windows * self.seq_len
+        """Positions stored in the listed shards (a `sequences` cache stores its loss positions only)."""
+        return sum(e.tokens for e in self.shards)
 
     @property
     def num_bytes(self) -> int:
@@ -184,7 +185,8 @@ class CacheReader:
 
     def decode(self, batch: pa.RecordBatch | pa.Table, where: str = "") -> dict[str, np.ndarray]:
         """Arrow rows of a shard -> numpy arrays in the stored layout (see `read.decode.decode_rows`)."""
-        return decode_rows(batch, self.encoding, self.k, self.seq_len, where or str(self.path))
+        return decode_rows(batch, self.encoding, self.k, self.seq_len, where or str(self.path),
+                           self.manifest.sequences)
 
     def read_shard(self, index: int | str) -> dict[str, np.ndarray]:
         """All rows of one shard as numpy, stored layout: window_id [R] int64, input_ids [R, T+1]

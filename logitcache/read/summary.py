@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from logitcache import format as fmt
 from logitcache.read.batches import UNIT_ROWS
 from logitcache.read.reader import CacheReader
 
@@ -74,6 +75,9 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
     sampled = 0
     for entry, a, b in sample_units(reader, max(0, int(sample_windows))) if sample_windows > 0 else []:
         d = reader.read_unit(entry, a, b)
+        if "loss_mask" in d:        # a sequences cache: its stored positions only
+            d = {key: d[key][d["loss_mask"]] for key in ("topk_logprobs", "tail_logmass", "target_logprob")
+                 if key in d}
         if not reader.sampled:      # draws carry no top-k mass or entropy bound
             mass, ent = topk_stats(d["topk_logprobs"], d["tail_logmass"])
             sums["mass"] += float(mass.sum())
@@ -95,6 +99,7 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
         "vocab_size": m.teacher.vocab_size,
         "k": reader.k,
         "encoding": m.encoding.name,
+        "layout": m.data.layout or fmt.LAYOUT_WINDOWS,
         "encoding_params": m.encoding.params,
         "encoding_summary": describe_encoding(reader.encoding),
         "payload": m.payload,
