@@ -1,5 +1,6 @@
 """Text in, token windows out: corpora (local files, hub datasets, the embedded plays), tokenizers, packing;
-and chat rows in, masked token sequences out (formats, chat templates, the embedded conversations)."""
+and chat rows in, masked token sequences out (formats, chat templates, the embedded conversations,
+one sequence per conversation fitted to a cache's length)."""
 
 from logitcache.data.chat import ChatCounts, render_rows
 from logitcache.data.chat_corpus import iter_chat_rows, iter_shakespeare_chat
@@ -11,6 +12,14 @@ from logitcache.data.corpus import (
            fetch_shakespeare,
            iter_documents,
            resolve_source,
+)
+from logitcache.data.sequences import (
+           TRUNCATIONS,
+           SequenceCounts,
+           Sequences,
+           is_chat_source,
+           prepare_sequences,
+           sequences_fingerprint,
 )
 from logitcache.data.templates import (
            TRAIN_ON,
@@ -34,4 +43,7 @@ __all__ = ["EMBEDDED_SOURCES", "default_data_home", "fetch_shakespeare", "iter_d
            # chat
            "SHAKESPEARE_CHAT_SOURCES", "FORMATS", "ROLES", "TRAIN_ON", "Conversation", "ChatCounts",
            "NoAssistantTurn", "Sequence", "detect_format", "normalize_row", "render", "render_rows",
-           "resolve_template", "template_fingerprint", "iter_chat_rows", "iter_shakespeare_chat"]
+           "resolve_template", "template_fingerprint", "iter_chat_rows", "iter_shakespeare_chat",
+           # one cache row per conversation
+           "TRUNCATIONS", "SequenceCounts", "Sequences", "is_chat_source", "prepare_sequences",
+           "sequences_fingerprint"]

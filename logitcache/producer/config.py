@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from logitcache.data.conversations import FORMATS
+from logitcache.data.sequences import TRUNCATIONS
+from logitcache.data.templates import TRAIN_ON
 from logitcache.encodings import DEFAULT_ENCODING
 from logitcache.errors import SettingError
 
@@ -44,7 +47,7 @@ class ProduceConfig:
     worker_index: int = 0
     text_column: str = "text"
     max_windows: int | None = None
-    """Use only the first N windows of the corpus."""
+    """Use only the first N windows of the corpus (of chat data: the first N rows cached, after truncation)."""
     backend: str = "auto"
     """hf, vllm, or auto (vllm when installed with CUDA present, else hf)."""
     revision: str | None = None
@@ -59,6 +62,20 @@ class ProduceConfig:
     """Settings of a non-local engine (ray: actors, address, cpus_per_actor)."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    # Chat data (rows of conversations, see logitcache.data.sequences): one row per conversation,
+    # top-k stored only at the positions whose next token carries a loss.
+    format: str | None = None
+    """Chat format of the rows (messages, sharegpt, prompt-completion, text); None detects it.
+    Given, the data is read as chat rows even if it would pass for plain text."""
+    chat_template: str | None = None
+    """A Jinja file (or the template's text itself) rendering the conversations; None: the teacher
+    tokenizer's own."""
+    train_on: str = "assistant"
+    """Which tokens carry a loss: assistant, last-assistant, completion or all (data.templates)."""
+    truncation: str = "drop"
+    """A conversation longer than seq_len + 1 tokens: drop it, cut it (right), or split it into pieces."""
+    strict: bool = False
+    """A conversation with no assistant turn to train on is an error instead of skipped and counted."""
 
     def __post_init__(self) -> None:
         teachers = (self.teachers,) if isinstance(self.teachers, (str, Path)) else tuple(self.teachers)
@@ -81,6 +98,16 @@ class ProduceConfig:
                 raise SettingError(name, value, "must be at least 1")
         if self.engine not in ENGINES:
             raise SettingError("engine", self.engine, f"unknown (known: {', '.join(ENGINES)})")
+        if self.format is not None and self.format not in FORMATS:
+            raise SettingError("format", self.format, f"unknown (known: {', '.join(FORMATS)})")
+        if self.train_on not in TRAIN_ON:
+            raise SettingError("train_on", self.train_on, f"unknown (known: {', '.join(TRAIN_ON)})")
+        if self.truncation not in TRUNCATIONS:
+            raise SettingError("truncation", self.truncation, f"unknown (known: {', '.join(TRUNCATIONS)})")
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", str(self.chat_template))
+            if not self.chat_template.strip():
+                raise SettingError("chat_template", None, "is empty")
 
     def replace(self, **changes: Any) -> "ProduceConfig":
         values = {f.name: getattr(self, f.name) for f in fields(self)}
