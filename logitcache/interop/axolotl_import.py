@@ -1,0 +1,273 @@
+"""Import a pre-tokenized axolotl KD dataset as a logitcache top-k cache.
+
+Two passes over the dataset, constant memory: the first checks every row (axolotl_read) and hashes
+what the cache key needs, the second writes the shards. Nothing appears at the output until the whole
+cache is written: shards go to `.<out>.importing` beside it through `CacheWriter` (so an interrupted
+import resumes where it stopped, like `produce`) and the folder is renamed into place at the end. Bad
+input is found in the first pass, before anything is written.
+
+What comes from the dataset: the token windows, the top-k ids and their log-probs (stored as float32).
+What is computed: the tail, `log(1 - sum exp(top-k))` in float64 floored at 2^-24 exactly as the vLLM
+backend does (docs/FORMAT.md), and `target_logprob`, the log-prob of the actual next token, which is
+exact when that token is in the top-k and otherwise the bound `min(last top-k log-prob, tail)`.
+What is unknown is recorded as such (docs/interop.md): the teacher (`--teacher-name`, else "unknown";
+no revision, dtype, config or weights), and the tokenizer unless `--tokenizer` gives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow
+
+from logitcache import __version__
+from logitcache import format as fmt
+from logitcache.backends.teacher import load_tokenizer
+from logitcache.backends.vllm import tail_from_topk
+from logitcache.data.tokenizer import tokenizer_fingerprint
+from logitcache.encodings.bytes import RANK_TABLE_MAX, pack_rank_order
+from logitcache.errors import SettingError, UserError
+from logitcache.format.manifest import Manifest
+from logitcache.interop.axolotl import LOGPROBS_FIELD
+from logitcache.interop.axolotl_read import Expect, Rows, check_rows, count_rows, iter_tables, source_files
+from logitcache.interop.staging import discard, publish, staging_dir
+from logitcache.producer.header import make_encoding
+from logitcache.producer.writer import CacheWriter
+
+LOG = logging.getLogger(__name__)
+
+BACKEND = "import:axolotl"
+UNKNOWN = "unknown"
+_OPTIONAL = ("labels", "attention_mask", "target_mask")
+
+
+@dataclass
+class Scan:
+    """What one pass over the dataset found: the row count, the windows' fingerprint (as
+    `data.windows_fingerprint` computes it), a sha256 of the top-k read, token counts (for the
+    encodings' rank tables) and how often each position's top-k holds its next / its own token."""
+
+    rows: int = 0
+    windows: "hashlib._Hash | None" = None
+    # ids and log-probs hashed apart, so the digest does not depend on how the rows were batched
+    ids_hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    logprobs_hash: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    counts: np.ndarray | None = None
+    hits_next: int = 0
+    hits_same: int = 0
+
+    def add(self, rows: Rows, total: int, vocab: int) -> None:
+        inp, ids = rows.input_ids, rows.topk_ids
+        if self.windows is None:   # data.windows_fingerprint's prefix: the shape of all windows
+            self.windows = hashlib.sha256(f"windows{(total, inp.shape[1])}".encode())
+            self.counts = np.zeros(vocab, dtype=np.int64)
+        self.windows.update(np.ascontiguousarray(inp, dtype="<i4").tobytes())
+        self.ids_hash.update(np.ascontiguousarray(ids, dtype="<i4").tobytes())
+        self.logprobs_hash.update(np.ascontiguousarray(rows.topk_logprobs, dtype="<f8").tobytes())
+        self.counts += np.bincount(inp.reshape(-1), minlength=vocab)
+        self.hits_next += int((ids == inp[:, 1:, None]).any(-1).sum())
+        self.hits_same += int((ids == inp[:, :-1, None]).any(-1).sum())
+        self.rows += len(inp)
+
+    def content(self) -> str:
+        """sha256 of the top-k read: ids (int32) and log-probs (float64, as read), in row order."""
+        return hashlib.sha256(b"axolotl-topk" + self.ids_hash.digest() + self.logprobs_hash.digest()).hexdigest()
+
+
+def payload(rows: Rows, vocab: int) -> dict[str, np.ndarray]:
+    """`CacheWriter.write_shard` arrays for checked rows; `vocab` is the usable vocabulary."""
+    inp, ids, lp64 = rows.input_ids, rows.topk_ids, rows.topk_logprobs
+    tail = tail_from_topk(lp64, vocab)
+    lps = lp64.astype(np.float32)
+    hit = ids == inp[:, 1:, None]
+    # the next token's log-prob when the top-k holds it; otherwise it is below the last top-k value
+    # and below the whole tail, so the smaller of the two bounds it
+    bound = np.minimum(lps[..., -1], tail)
+    target = np.where(hit.any(-1), np.where(hit, lps, -np.inf).max(-1), bound).astype(np.float32)
+    return {"input_ids": inp, "target_logprob": target, "topk_ids": ids, "topk_logprobs": lps,
+            "tail_logmass": tail}
+
+
+def _vocabulary(vocab_size: int | None, tokenizer: str | os.PathLike | None) -> tuple[int, int, dict]:
+    """(logit width, usable vocabulary, the manifest's tokenizer entry) from --vocab-size / --tokenizer."""
+    if vocab_size is None and tokenizer is None:
+        raise SettingError("vocab_size", None, "give the vocabulary (or --tokenizer PATH): every id read is checked "
+                           "against it")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+        raise SettingError("vocab_size", vocab_size, "must be a positive integer")
+    if tokenizer is None:
+        return vocab_size, vocab_size, {"fingerprint": UNKNOWN, "vocab_size": vocab_size, "eos_token_id": None}
+    tok = load_tokenizer(tokenizer)
+    n = len(tok)
+    if vocab_size is not None and n > vocab_size:
+        raise SettingError("vocab_size", vocab_size, f"the tokenizer {tokenizer} has {n} tokens, more than that")
+    width = vocab_size if vocab_size is not None else n
+    return width, min(width, n), {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": n,
+                                  "eos_token_id": tok.eos_token_id}
+
+
+def fitted_encoding(enc, counts: np.ndarray, vocab: int) -> dict:
+    """The manifest's encoding entry. An encoding with a rank table gets the one `enc.fit(tokens)` would
+    compute (ids by descending count, ties by id: encodings.bytes.fit_rank_order), built from token
+    counts so the windows never have to be in memory at once."""
+    if not hasattr(enc, "fit"):
+        return {"name": enc.name, "params": enc.params()}
+    params = dict(enc.fit(np.zeros(0, dtype=np.int64), vocab))
+    seen = int((counts > 0).sum())
+    params["rank_table"] = pack_rank_order(np.argsort(-counts, kind="stable")[:min(seen, RANK_TABLE_MAX)])
+    return {"name": enc.name, "params": params}
+
+
+class _Source:
+    """The dataset: its files, its row count, and checked batches in order."""
+
+    def __init__(self, src: str | os.PathLike, logprobs_field: str, vocab: int, batch_rows: int):
+        self.src = str(src)
+        self.files = source_files(src)
+        self.total = count_rows(self.files)
+        if self.total == 0:
+            raise UserError(f"{src}: no rows")
+        self.logprobs_field, self.vocab, self.batch_rows = logprobs_field, vocab, batch_rows
+        self.columns = ["input_ids", "target_token_ids", logprobs_field, *_OPTIONAL]
+        self.expect = Expect(vocab=vocab, logprobs_field=logprobs_field)
+
+    def batches(self) -> Iterator[Rows]:
+        for path, first, table in iter_tables(self.files, self.columns, self.batch_rows):
+            rows = check_rows(table, path, first, self.expect)
+            if rows is not None:
+                yield rows
+
+    def scan(self, progress: bool, desc: str, each=None) -> Scan:
+        """One pass: every row checked and hashed; `each(rows)` sees each batch."""
+        from tqdm import tqdm
+
+        found = Scan()
+        with tqdm(total=self.total, unit="row", desc=desc, file=sys.stderr, disable=not progress, leave=False) as bar:
+            for rows in self.batches():
+                found.add(rows, self.total, self.vocab)
+                if each is not None:
+                    each(rows)
+                bar.update(len(rows.input_ids))
+        if found.rows != self.total:   # a JSON Lines file changed between counting and reading
+            raise UserError(f"{self.src}: {found.rows} rows read, {self.total} counted; was it changed meanwhile?")
+        return found
+
+
+def _warn_if_shifted(scan: Scan, positions: int, src: str) -> None:
+    """A dataset made with position t holding token t's own distribution (vLLM's prompt_logprobs
+    indexing) would train the student one token late; real teachers put the next token in their top-k
+    far more often than the current one, so the opposite pattern is worth a warning."""
+    same, nxt = scan.hits_same / positions, scan.hits_next / positions
+    if same > 0.3 and same > 2 * nxt:
+        LOG.warning("%s: position t's top-k holds token t (%.0f%% of positions) far more often than token t+1 "
+                    "(%.0f%%); axolotl's position t is the distribution of token t+1, so this dataset looks shifted "
+                    "by one position", src, 100 * same, 100 * nxt)
+
+
+def build_header(source: _Source, scan: Scan, *, width: int, usable: int, tok: dict, teacher_name: str | None,
+                 encoding: dict, rows_per_shard: int) -> Manifest:
+    """The manifest before any shard. The teacher is unknown, so its `weights_fingerprint` is a sha256
+    of the imported top-k instead: the key still changes with the content (docs/interop.md)."""
+    N, k = source.expect.tokens, source.expect.k
+    teacher = {"name_or_path": teacher_name or UNKNOWN, "revision": None, "architecture": None, "dtype": None,
+               "num_parameters": None, "config_sha256": None,
+               "weights_fingerprint": f"imported-topk-sha256:{scan.content()}",
+               "vocab_size": width, "max_position_embeddings": None}
+    if usable < width:
+        teacher["usable_vocab_size"] = usable
+    data = {"source": f"axolotl:{source.src}", "text_column": None, "fingerprint": scan.windows.hexdigest(),
+            "seq_len": N - 1, "num_windows": scan.rows, "num_tokens": scan.rows * (N - 1)}
+    return Manifest.header(key=fmt.cache_key(teacher, tok, data, k, encoding), k=k, rows_per_shard=rows_per_shard,
+                           num_shards=-(-scan.rows // rows_per_shard), teacher=teacher, tokenizer=tok, data=data,
+                           encoding=encoding, producer={"backend": BACKEND, "versions": {
+                               "logitcache": __version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}})
+
+
+class _ShardFiller:
+    """Collects checked batches into shards and writes the ones the staging cache lacks."""
+
+    def __init__(self, writer: CacheWriter, header: Manifest, vocab: int):
+        self.writer, self.header, self.vocab = writer, header, vocab
+        self.done = writer.completed()
+        self.pending: list[dict[str, np.ndarray]] = []
+        self.have, self.shard = 0, 0
+
+    def __call__(self, rows: Rows) -> None:
+        self.pending.append(payload(rows, self.vocab))
+        self.have += len(rows.input_ids)
+        while self.shard < self.header.num_shards and self.have >= self.header.expected_rows(self.shard):
+            need = self.header.expected_rows(self.shard)
+            merged = {name: np.concatenate([p[name] for p in self.pending]) for name in self.pending[0]}
+            if self.shard not in self.done:
+                self.writer.write_shard(self.shard, **{name: a[:need] for name, a in merged.items()})
+            self.pending = [{name: a[need:] for name, a in merged.items()}] if self.have > need else []
+            self.have -= need
+            self.shard += 1
+
+
+def _staged_key(staging: Path) -> str | None:
+    """The key of an earlier import's working folder; None when it holds no readable manifest."""
+    try:
+        return Manifest.load(staging).key
+    except UserError:
+        return None
+
+
+def import_axolotl(src: str | os.PathLike, out: str | os.PathLike, *, vocab_size: int | None = None,
+                   tokenizer: str | os.PathLike | None = None, teacher_name: str | None = None,
+                   logprobs_field: str = LOGPROBS_FIELD, encoding: str = "compact",
+                   encoding_params: dict | None = None, rows_per_shard: int = 256, batch_rows: int = 64,
+                   progress: bool = True) -> Manifest:
+    """Write the axolotl KD dataset `src` (a Parquet / JSON Lines file or a folder of them) as the cache
+    folder `out`; return its manifest (module docstring). The same call again returns the finished
+    cache unchanged, or resumes an interrupted one."""
+    out = Path(out)
+    if rows_per_shard < 1:
+        raise SettingError("rows_per_shard", rows_per_shard, "must be >= 1")
+    if out.exists() and not (out / fmt.MANIFEST_NAME).is_file():
+        raise UserError(f"{out}: already exists and is not a cache; import writes a new folder")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent}: no such folder")
+    width, usable, tok = _vocabulary(vocab_size, tokenizer)
+    enc = make_encoding(encoding, encoding_params)
+    if enc.payload != fmt.PAYLOAD_TOPK:
+        raise SettingError("encoding", encoding, "stores draws (a samples payload); an axolotl dataset holds top-k "
+                           "log-probs")
+    source = _Source(src, logprobs_field, usable, batch_rows)
+    first = source.scan(progress, f"check {Path(src).name}")
+    _warn_if_shifted(first, first.rows * (source.expect.tokens - 1), source.src)
+    header = build_header(source, first, width=width, usable=usable, tok=tok, teacher_name=teacher_name,
+                          encoding=fitted_encoding(enc, first.counts, width), rows_per_shard=rows_per_shard)
+    if out.exists():
+        existing = Manifest.load(out)
+        if existing.key == header.key and existing.complete:
+            LOG.info("%s: already holds this import (key %s)", out, header.key[:16])
+            return existing
+        raise UserError(f"{out}: already holds another cache (key {existing.key[:16]}); import writes a new folder")
+    staging = staging_dir(out, "importing")
+    if staging.exists() and _staged_key(staging) != header.key:
+        LOG.info("%s: left by an import of other data; starting over", staging)
+        discard(staging)
+    writer = CacheWriter(staging, header)
+    filler = _ShardFiller(writer, header, usable)
+    try:
+        second = source.scan(progress, f"import {out.name}", each=filler)
+        if (second.windows.hexdigest(), second.content()) != (first.windows.hexdigest(), first.content()):
+            raise UserError(f"{src}: changed while it was imported; run the import again")
+    except UserError:
+        discard(staging)    # the input is not what was checked: nothing of it is kept
+        raise
+    manifest = writer.finish()
+    if not manifest.complete:    # cannot happen unless shards vanished under us; never publish a partial cache
+        raise UserError(f"{staging}: incomplete after the import; run it again")
+    publish(staging, out)
+    LOG.info("%s: %d windows of %d tokens, top-%d, from %s (%s)", out, first.rows, source.expect.tokens - 1,
+             source.expect.k, source.src, header.encoding.name)
+    return Manifest.load(out)
