@@ -20,14 +20,18 @@ COMMANDS = {
     "repair": "move a cache's bad shards aside, unlist them, and print the produce command that re-creates them",
     "push": "upload a cache to a URL (s3://, hf://, file://): resumable, verified, manifest last",
     "pull": "download a cache from a URL into a folder, verifying every shard",
+    "import": "import another trainer's distillation dataset (axolotl KD) as a cache",
+    "export": "export a top-k cache as another trainer's distillation dataset (axolotl KD)",
 }
+# Subcommands whose module has another name: `import` is a Python keyword, so commands/import_cache.py.
+MODULES = {"import": "import_cache", "export": "export_cache"}
 
 
 def build_parser(prog: str, package: str, commands: dict[str, str], description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in commands.items():
-        module = importlib.import_module(f"{package}.commands.{name}")
+        module = importlib.import_module(f"{package}.commands.{MODULES.get(name, name)}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
