@@ -128,18 +128,18 @@ def fitted_encoding(enc, counts: np.ndarray, vocab: int) -> dict:
 class _Source:
     """The dataset: its files, its row count, and checked batches in order."""
 
-    def __init__(self, src: str | os.PathLike, logprobs_field: str, vocab: int, batch_rows: int):
+    def __init__(self, src: str | os.PathLike, logprobs_field: str, vocab: int, most_rows: int):
         self.src = str(src)
         self.files = source_files(src)
         self.total = count_rows(self.files)
         if self.total == 0:
             raise UserError(f"{src}: no rows")
-        self.logprobs_field, self.vocab, self.batch_rows = logprobs_field, vocab, batch_rows
+        self.logprobs_field, self.vocab, self.most_rows = logprobs_field, vocab, most_rows
         self.columns = ["input_ids", "target_token_ids", logprobs_field, *_OPTIONAL]
         self.expect = Expect(vocab=vocab, logprobs_field=logprobs_field)
 
     def batches(self) -> Iterator[Rows]:
-        for path, first, table in iter_tables(self.files, self.columns, self.batch_rows):
+        for path, first, table in iter_tables(self.files, self.columns, self.most_rows):
             rows = check_rows(table, path, first, self.expect)
             if rows is not None:
                 yield rows
@@ -223,7 +223,7 @@ def _staged_key(staging: Path) -> str | None:
 def import_axolotl(src: str | os.PathLike, out: str | os.PathLike, *, vocab_size: int | None = None,
                    tokenizer: str | os.PathLike | None = None, teacher_name: str | None = None,
                    logprobs_field: str = LOGPROBS_FIELD, encoding: str = "compact",
-                   encoding_params: dict | None = None, rows_per_shard: int = 256, batch_rows: int = 64,
+                   encoding_params: dict | None = None, rows_per_shard: int = 256, batch_rows: int = 1024,
                    progress: bool = True) -> Manifest:
     """Write the axolotl KD dataset `src` (a Parquet / JSON Lines file or a folder of them) as the cache
     folder `out`; return its manifest (module docstring). The same call again returns the finished
@@ -240,7 +240,7 @@ def import_axolotl(src: str | os.PathLike, out: str | os.PathLike, *, vocab_size
     if enc.payload != fmt.PAYLOAD_TOPK:
         raise SettingError("encoding", encoding, "stores draws (a samples payload); an axolotl dataset holds top-k "
                            "log-probs")
-    source = _Source(src, logprobs_field, usable, batch_rows)
+    source = _Source(src, logprobs_field, usable, batch_rows)   # batches also stop at ~32 MB of input
     first = source.scan(progress, f"check {Path(src).name}")
     _warn_if_shifted(first, first.rows * (source.expect.tokens - 1), source.src)
     header = build_header(source, first, width=width, usable=usable, tok=tok, teacher_name=teacher_name,

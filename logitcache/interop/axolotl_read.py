@@ -28,6 +28,9 @@ POSITIVE_SLACK = 1e-6
 # A top-k whose probabilities sum past 1 + this is not part of one distribution.
 MASS_SLACK = 1e-4
 _SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+# A batch holds about this much input (Parquet's uncompressed bytes, or JSON text): a few such batches of
+# numpy arrays at a time, whatever seq_len and k are.
+BATCH_BYTES = 32 << 20
 
 
 def _is_list(t: pa.DataType) -> bool:
@@ -65,7 +68,8 @@ def count_rows(files: list[Path]) -> int:
     for path in files:
         if _SUFFIXES[path.suffix] == "parquet":
             try:
-                total += pq.ParquetFile(path).metadata.num_rows
+                with pq.ParquetFile(path) as pf:
+                    total += pf.metadata.num_rows
             except Exception as exc:
                 raise UserError(f"{path}: unreadable Parquet ({type(exc).__name__})") from None
         else:
@@ -73,34 +77,46 @@ def count_rows(files: list[Path]) -> int:
     return total
 
 
-def iter_tables(files: list[Path], columns: list[str], batch_rows: int
+def _parquet_batch_rows(pf: pq.ParquetFile, most: int) -> int:
+    """Rows per batch for about BATCH_BYTES of uncompressed data, from the file's metadata."""
+    meta = pf.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    per_row = max(1, size // max(1, meta.num_rows))
+    return int(min(most, max(1, BATCH_BYTES // per_row)))
+
+
+def iter_tables(files: list[Path], columns: list[str], most_rows: int = 1024
                 ) -> Iterator[tuple[Path, int, pa.Table]]:
-    """(file, index in the file of the first row, rows) batches of the wanted columns that exist."""
+    """(file, index in the file of the first row, rows) batches of the wanted columns that exist;
+    a batch is at most `most_rows` rows and about BATCH_BYTES of input."""
     for path in files:
         if _SUFFIXES[path.suffix] == "parquet":
-            pf = pq.ParquetFile(path)
-            present = [c for c in columns if c in pf.schema_arrow.names]
-            first = 0
-            for rb in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=False):
-                yield path, first, pa.Table.from_batches([rb])
-                first += rb.num_rows
-            if first == 0:
-                yield path, 0, pf.schema_arrow.empty_table().select(present)
+            with pq.ParquetFile(path) as pf:
+                present = [c for c in columns if c in pf.schema_arrow.names]
+                first = 0
+                for rb in pf.iter_batches(batch_size=_parquet_batch_rows(pf, most_rows), columns=present,
+                                          use_threads=False):
+                    yield path, first, pa.Table.from_batches([rb])
+                    first += rb.num_rows
+                if first == 0:
+                    yield path, 0, pf.schema_arrow.empty_table().select(present)
             continue
         pending: list[dict] = []
-        first = 0
+        first = chars = 0
         for number, line in _json_lines(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__}")
+                raise UserError(f"{path}:{number}: a row must be a JSON object, not {type(row).__name__} "
+                                "(JSON Lines: one object per line)")
             pending.append({c: row[c] for c in columns if c in row})
-            if len(pending) == batch_rows:
+            chars += len(line)
+            if len(pending) == most_rows or chars >= BATCH_BYTES:
                 yield path, first, _json_table(pending, path, first)
                 first += len(pending)
-                pending = []
+                pending, chars = [], 0
         if pending or first == 0:
             yield path, first, _json_table(pending, path, first)
 
