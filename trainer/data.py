@@ -10,6 +10,8 @@ Batches are dicts of CPU tensors, the cache reader's convention (B windows, T = 
 - `input_ids`  int64 [B, T]   what the model reads (`window[:, :-1]`)
 - `labels`     int64 [B, T]   the next token at each position (`window[:, 1:]`)
 - `window_id`  int64 [B]
+- rows of their own length (chat data, `sequences` caches) add `attention_mask` int64 [B, T] and
+  `loss_mask` bool [B, T], padded to the batch's longest row
 - cache batches add `topk_ids` int64 [B, T, k], `topk_logprobs` float32 [B, T, k],
   `tail_logmass` float32 [B, T] and `target_logprob` float32 [B, T]; a sampled cache gives
   `sample_ids` int64 [B, T, S] and `sample_counts` int32 [B, T, S] instead of the top-k three.
@@ -72,6 +74,39 @@ class WindowBatches(Dataset):
         kwargs = {"prefetch_factor": 4} if workers > 0 else {}
         return iter(DataLoader(self, batch_size=None, sampler=range(start, start + count),
                                num_workers=workers, pin_memory=pin_memory, **kwargs))
+
+
+class SequenceBatches(WindowBatches):
+    """Shuffled batches of rows of their own length (`logitcache.data.Sequences`: conversations with
+    loss masks), for supervised fine-tuning on the trained turns only.
+
+    Rows are assigned to ranks and shuffled exactly as `WindowBatches` does with windows. A batch is
+    right-padded to its longest row and carries `attention_mask` and `loss_mask` [B, T]: position t
+    carries a loss when token t + 1 is a trained token of its row.
+    """
+
+    def __init__(self, sequences, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        super().__init__(np.zeros((sequences.num_windows, 1), np.int32), batch_size, seed, rank, world)
+        self.sequences = sequences
+
+    @property
+    def seq_len(self) -> int:
+        return self.sequences.seq_len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.window_ids(index)
+        rows = [self.sequences.row(int(i)) for i in ids]
+        t = max(len(tokens) for tokens, _ in rows) - 1
+        window = np.zeros((len(rows), t + 1), np.int64)
+        targets = np.zeros((len(rows), t + 1), bool)
+        attention = np.zeros((len(rows), t), np.int64)
+        for b, (tokens, mask) in enumerate(rows):
+            window[b, :len(tokens)] = tokens
+            targets[b, :len(tokens)] = mask
+            attention[b, :len(tokens) - 1] = 1
+        w = torch.from_numpy(window)
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:], "window_id": torch.from_numpy(ids),
+                "attention_mask": torch.from_numpy(attention), "loss_mask": torch.from_numpy(targets[:, 1:])}
 
 
 class CacheBatches:

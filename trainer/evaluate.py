@@ -80,6 +80,39 @@ def evaluate_windows(model, tokens: np.ndarray, *, batch_size: int = 8, device: 
 
 
 @torch.no_grad()
+def evaluate_sequences(model, sequences, *, batch_size: int = 8, device: torch.device | str = "cpu",
+                       vocab: int | None = None, max_windows: int | None = None) -> dict[str, float]:
+    """Mean CE (nats/token) over the trained tokens of `sequences` (logitcache.data.Sequences: chat
+    rows with loss masks), e.g. held-out assistant-token CE; rows in order, every world-th to a rank."""
+    device = torch.device(device)
+    rank, world = _rank_world()
+    n = sequences.num_windows if max_windows is None else min(sequences.num_windows, max_windows)
+    mine = np.arange(rank, n, world)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for s in range(0, len(mine), batch_size):
+            rows = [sequences.row(int(i)) for i in mine[s:s + batch_size]]
+            t = max(len(tokens) for tokens, _ in rows)
+            window = torch.zeros((len(rows), t), dtype=torch.long)
+            targets = torch.zeros((len(rows), t), dtype=torch.bool)
+            for b, (tokens, mask) in enumerate(rows):
+                window[b, :len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
+                targets[b, :len(tokens)] = torch.as_tensor(mask)
+            window, targets = window.to(device), targets[:, 1:].to(device)
+            logits = _logits(model, window, vocab)[targets].float()          # (P, V): trained positions
+            labels = window[:, 1:][targets]
+            total += (torch.logsumexp(logits, -1) - logits.gather(1, labels[:, None]).squeeze(1)).sum().item()
+            count += int(targets.sum())
+    finally:
+        model.train(was_training)
+    total, count = _reduce([total, float(count)], device)
+    ce = total / max(count, 1)
+    return {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "tokens": int(count)}
+
+
+@torch.no_grad()
 def evaluate_cache(model, reader, *, batch_size: int = 8, device: torch.device | str = "cpu",
                    vocab: int | None = None, max_windows: int | None = None,
                    chunk_size: int | None = 4096) -> dict[str, float]:

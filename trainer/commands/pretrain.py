@@ -32,6 +32,13 @@ def add_arguments(p) -> None:
     p.add_argument("--max-windows", type=int, help="use at most this many training windows")
     p.add_argument("--text-column", default="text", help="text column of jsonl/parquet data (default %(default)s)")
     p.add_argument("--eval-data", help="held-out corpus for periodic CE (packed like --data)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="chat data: a Jinja chat template (default: the tokenizer's own)")
+    p.add_argument("--train-on", default="assistant", choices=("assistant", "last-assistant", "completion", "all"),
+                   help="chat data: which tokens carry the loss (default %(default)s); plain text trains on all")
+    p.add_argument("--truncation", default="drop", choices=("drop", "right", "split"),
+                   help="chat data: conversations longer than --seq-len + 1 tokens are dropped, cut, or split "
+                        "(default %(default)s)")
     p.add_argument("--logits-chunk", type=int, default=1024,
                    help="positions per float32 log-softmax chunk, 0 = all at once (default %(default)s)")
     add_train_arguments(p)
@@ -113,8 +120,9 @@ def run(args) -> int:
     import torch
 
     from logitcache.data import prepare_windows, tokenizer_fingerprint
-    from trainer.data import WindowBatches, load_tokenizer, logits_vocab
-    from trainer.evaluate import evaluate_windows
+    from logitcache.data.sequences import is_chat_source, prepare_sequences
+    from trainer.data import SequenceBatches, WindowBatches, load_tokenizer, logits_vocab
+    from trainer.evaluate import evaluate_sequences, evaluate_windows
     from trainer.loop import init_distributed, preflight, train
 
     cfg = train_config_from_args(args)
@@ -130,11 +138,22 @@ def run(args) -> int:
     warn = (lambda m: print(m, file=sys.stderr, flush=True)) if env.is_main else (lambda m: None)
     # Rank 0 tokenizes first so the others load its windows instead of racing to write them.
     windows = eval_windows = None
+    chat = is_chat_source(args.data)
+    template = Path(args.chat_template).read_text() if args.chat_template else None
     for turn in ((0,) if env.world == 1 else (0, 1)):
         if (turn == 0) == env.is_main:
-            windows = prepare_windows(args.data, tokenizer, args.seq_len, Path(args.work),
-                                      text_column=args.text_column, max_windows=args.max_windows)
-            if args.eval_data:
+            if chat:    # conversations: one row each, the loss on the trained turns only (SFT)
+                windows = prepare_sequences(args.data, tokenizer, args.seq_len, Path(args.work),
+                                            chat_template=template, train_on=args.train_on,
+                                            truncation=args.truncation, max_rows=args.max_windows)
+            else:
+                windows = prepare_windows(args.data, tokenizer, args.seq_len, Path(args.work),
+                                          text_column=args.text_column, max_windows=args.max_windows)
+            if args.eval_data and chat:
+                eval_windows = prepare_sequences(args.eval_data, tokenizer, args.seq_len, Path(args.work),
+                                                 chat_template=template, train_on=args.train_on,
+                                                 truncation=args.truncation)
+            elif args.eval_data:
                 eval_windows = prepare_windows(args.eval_data, tokenizer, args.seq_len, Path(args.work),
                                                text_column=args.text_column)
         if env.world > 1:
@@ -155,19 +174,24 @@ def run(args) -> int:
     if max_pos is not None and args.seq_len > max_pos:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_pos}")
 
-    source = WindowBatches(windows.tokens, cfg.batch_size, cfg.seed, env.rank, env.world)
+    source = (SequenceBatches(windows, cfg.batch_size, cfg.seed, env.rank, env.world) if chat
+              else WindowBatches(windows.tokens, cfg.batch_size, cfg.seed, env.rank, env.world))
 
     loss_fn = make_ce_loss(vocab, args.logits_chunk or None)
 
     evaluate = None
     if eval_windows is not None:
         def evaluate(m):
+            if chat:
+                return evaluate_sequences(m, eval_windows, batch_size=cfg.eval_batch_size or cfg.batch_size,
+                                          device=env.device, vocab=vocab, max_windows=cfg.eval_windows)
             return evaluate_windows(m, eval_windows.tokens, batch_size=cfg.eval_batch_size or cfg.batch_size,
                                     device=env.device, vocab=vocab, max_windows=cfg.eval_windows)
 
     if env.is_main:
         print(f"trainer: pretraining {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
-              f"parameters) on {windows.num_windows} windows of {args.seq_len} tokens "
+              f"parameters) on {windows.num_windows} {'conversations' if chat else 'windows'} of up to {args.seq_len} "
+              f"positions "
               f"for {cfg.steps} steps", file=sys.stderr, flush=True)
     summary = train(model, run=run_cfg, env=env, source=source, loss_fn=loss_fn, evaluate=evaluate,
                     tokenizer=tokenizer, resume=args.resume)
