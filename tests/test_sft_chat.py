@@ -69,3 +69,18 @@ def test_pretrain_on_chat_data_trains_and_evaluates_assistant_tokens(tmp_path, t
                                  chat_template=TEMPLATE.read_text(), truncation="right")
     assert 0 < summary["eval"]["tokens"] == expected.loss_tokens     # assistant tokens only
     assert expected.loss_tokens < expected.num_tokens
+
+
+def test_evaluate_on_chat_data_measures_assistant_tokens(tmp_path, tiny_tokenizer_dir, capsys):
+    from transformers import AutoTokenizer
+
+    model = save_tiny_teacher(tmp_path / "m", "llama", tiny_tokenizer_dir)
+    data = write_jsonl(tmp_path / "heldout.jsonl", chat_rows(5, 3))
+    code = trainer_main(["evaluate", "--model", str(model), "--data", str(data), "--chat-template", str(TEMPLATE),
+                         "--seq-len", "63", "--truncation", "right", "--work", str(tmp_path / "w"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    expected = prepare_sequences(str(data), AutoTokenizer.from_pretrained(model), 63, tmp_path / "w2",
+                                 chat_template=TEMPLATE.read_text(), truncation="right")
+    assert result["tokens"] == expected.loss_tokens and np.isfinite(result["ce"])

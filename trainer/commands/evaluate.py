@@ -31,16 +31,23 @@ def add_arguments(p) -> None:
     p.add_argument("--work", default="work_dir", help="folder for packed windows (default %(default)s)")
     p.add_argument("--text-column", default="text", help="text column of jsonl/parquet data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="chat --data: a Jinja chat template (default: the tokenizer's own)")
+    p.add_argument("--train-on", default="assistant", choices=("assistant", "last-assistant", "completion", "all"),
+                   help="chat --data: the tokens CE is measured on (default %(default)s)")
+    p.add_argument("--truncation", default="drop", choices=("drop", "right", "split"),
+                   help="chat --data: conversations longer than --seq-len + 1 tokens (default %(default)s)")
 
 
 def run(args) -> int:
     import torch
 
     from logitcache.data import prepare_windows, tokenizer_fingerprint
+    from logitcache.data.sequences import is_chat_source, prepare_sequences
     from logitcache.read.reader import CacheReader
     from trainer.commands.distill import check_cache
     from trainer.data import load_causal_lm, load_tokenizer, logits_vocab
-    from trainer.evaluate import evaluate_cache, evaluate_windows
+    from trainer.evaluate import evaluate_cache, evaluate_sequences, evaluate_windows
     from trainer.loop import init_distributed
 
     if not args.data and not args.cache:
@@ -59,7 +66,12 @@ def run(args) -> int:
             raise UserError(f"--seq-len {args.seq_len}: the cache's windows have {reader.seq_len} positions")
     seq_len = reader.seq_len if reader is not None else (args.seq_len or 256)
     windows = None
-    if args.data:
+    chat = bool(args.data) and reader is None and is_chat_source(args.data)
+    if chat:     # conversations: CE over the trained turns' tokens
+        template = Path(args.chat_template).read_text() if args.chat_template else None
+        windows = prepare_sequences(args.data, tokenizer, seq_len, Path(args.work), chat_template=template,
+                                    train_on=args.train_on, truncation=args.truncation)
+    elif args.data:
         windows = prepare_windows(args.data, tokenizer, seq_len, Path(args.work), text_column=args.text_column)
         if reader is not None and windows.fingerprint != reader.manifest.data.fingerprint:
             raise UserError(f"--data {args.data}: its windows are not the data of --cache {args.cache} "
@@ -74,6 +86,10 @@ def run(args) -> int:
         r = evaluate_cache(model, reader, batch_size=args.batch_size, device=env.device, vocab=vocab,
                            max_windows=args.max_windows)
         result.update(cache=str(reader.path), teacher=reader.teacher.name_or_path, k=reader.k, **r)
+    elif chat:
+        result.update(data=args.data, **evaluate_sequences(model, windows, batch_size=args.batch_size,
+                                                           device=env.device, vocab=vocab,
+                                                           max_windows=args.max_windows))
     else:
         result.update(data=args.data, **evaluate_windows(model, windows.tokens, batch_size=args.batch_size,
                                                          device=env.device, vocab=vocab,
