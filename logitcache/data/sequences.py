@@ -81,7 +81,8 @@ class Sequences:
     input_ids: np.ndarray
     offsets: np.ndarray
     loss_mask: np.ndarray
-    seq_len: int
+    limit: int
+    """The `seq_len` setting the rows were fitted to: at most `limit + 1` tokens each."""
     fingerprint: str
     source: str
     tokenizer_fingerprint: str
@@ -93,6 +94,11 @@ class Sequences:
     @property
     def tokens(self) -> np.ndarray:
         return self.input_ids
+
+    @property
+    def seq_len(self) -> int:
+        """The longest row's positions (tokens - 1), at most `limit`: the manifest's `data.seq_len`."""
+        return int(self.lengths.max()) - 1 if self.num_windows else 0
 
     @property
     def num_windows(self) -> int:
@@ -314,5 +320,6 @@ def _load(folder: Path, source: str, tok_fp: str) -> Sequences:
     if fp != meta["fingerprint"]:
         raise UserError(f"{folder}: saved sequences do not match their fingerprint; delete the folder to rebuild")
     counts = SequenceCounts(**meta.get("counts", {}))
+    # meta["seq_len"] is the limit the rows were fitted to (the setting), not their longest row
     log.info("%s: %s (saved in %s)", source, _summary(counts, meta["seq_len"], meta["chat"]["truncation"]), folder)
     return Sequences(*arrays, meta["seq_len"], fp, source, tok_fp, meta["chat"], counts, folder)
