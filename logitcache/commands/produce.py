@@ -6,6 +6,10 @@
     # a ladder of teachers sharing one tokenizer: same windows, one cache each
     logitcache produce --teacher gpt2 --teacher gpt2-medium --data corpus.jsonl --out caches --k 64
 
+    # conversations: one row each, top-k stored only where the assistant speaks
+    logitcache produce --teacher assets/demo-teacher --data shakespeare-chat:train --out work_dir/caches \
+        --chat-template assets/chat_templates/demo.jinja --seq-len 512
+
     # two processes (say one per GPU) splitting the shards of one cache
     logitcache produce ... --num-workers 2 --worker-index 0 --device cuda:0 &
     logitcache produce ... --num-workers 2 --worker-index 1 --device cuda:1
@@ -13,6 +17,14 @@
 Each cache lands in OUT/<teacher>-k<k>-<key>/, where the key is a hash of the teacher, tokenizer,
 windows, k and encoding: the same command run again finds the same cache, resumes it if it was
 interrupted, and writes nothing if it is complete. The caches' folders are printed at the end.
+
+Chat data (rows of `messages`, ShareGPT `conversations`, or `prompt` + `completion`; the embedded
+shakespeare-chat:train|heldout; any rows with --format) makes a `sequences` cache instead of
+windows: each conversation is rendered with the teacher tokenizer's chat template (or
+--chat-template) and is one row, and the teacher's top-k (or draws) are stored only at the
+positions whose next token is a training target (--train-on). A conversation longer than
+--seq-len + 1 tokens is dropped, cut or split (--truncation). What was read, skipped, dropped or cut,
+and the share of positions stored, is reported on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import json
 from pathlib import Path
 
 from logitcache.backends import BACKEND_CHOICES
+from logitcache.data import FORMATS, TRAIN_ON, TRUNCATIONS
 from logitcache.encodings import DEFAULT_ENCODING, available_encodings
 from logitcache.errors import UserError
 from logitcache.producer.config import ProduceConfig
@@ -32,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="teacher checkpoint folder or hub model id; repeat for a ladder of teachers")
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="corpus: a .txt/.jsonl/.parquet file or folder, a hub dataset name[:split], "
-                        "or shakespeare, shakespeare:train, shakespeare:heldout, milton")
+                        "or shakespeare, shakespeare:train, shakespeare:heldout, milton; chat rows (or "
+                        "shakespeare-chat:train|heldout) make a cache of conversations")
     p.add_argument("--out", required=True, type=Path, metavar="ROOT",
                    help="folder that holds the caches (and the shared token windows)")
     p.add_argument("--k", type=int, default=64,
@@ -60,7 +74,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="this process's index in 0..num_workers-1; it writes shards i with "
                         "i %% num_workers == index")
     p.add_argument("--text-column", default="text", help="column holding the text in jsonl/parquet/hub data")
-    p.add_argument("--max-windows", type=int, default=None, help="use only the first N windows of the corpus")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="use only the first N windows of the corpus (of chat data: the first N rows cached)")
+    chat = p.add_argument_group("chat data", "conversations: one cache row each, the payload at its loss positions")
+    chat.add_argument("--format", default=None, choices=FORMATS,
+                      help="chat format of the rows (default: detected from the first row's columns); given, "
+                           "the data is read as conversations (text: each row one assistant message)")
+    chat.add_argument("--chat-template", default=None, metavar="FILE",
+                      help="Jinja chat template rendering the conversations (default: the teacher tokenizer's)")
+    chat.add_argument("--train-on", default="assistant", choices=TRAIN_ON,
+                      help="tokens that carry a loss: every assistant turn (default), the last one, a "
+                           "prompt-completion row's completion, or all")
+    chat.add_argument("--truncation", default="drop", choices=TRUNCATIONS,
+                      help="a conversation longer than --seq-len + 1 tokens: drop it (default, counted), cut "
+                           "it to that length (right), or split it into pieces of at most that length")
+    chat.add_argument("--strict", action="store_true",
+                      help="a conversation with no assistant turn to train on is an error (default: skipped "
+                           "and counted)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="how to run the teacher: hf (transformers) or vllm (docs/vllm.md); auto picks "
                         "vllm when it is installed and CUDA is present, else hf")
@@ -129,7 +159,9 @@ def config_from_args(args: argparse.Namespace) -> ProduceConfig:
         max_windows=args.max_windows, backend=args.backend, revision=args.revision,
         trust_remote_code=args.trust_remote_code, logits_chunk=args.logits_chunk,
         backend_options={key: v for key, v in backend_options.items() if v is not None},
-        engine=args.engine, engine_options=_engine_options(args), progress=not args.no_progress)
+        engine=args.engine, engine_options=_engine_options(args), progress=not args.no_progress,
+        format=args.format, chat_template=args.chat_template, train_on=args.train_on, truncation=args.truncation,
+        strict=args.strict)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,10 @@ For each teacher, in order:
    model's vocabulary, 1 <= k <= vocabulary, seq_len within the context), so a bad ladder fails
    before anything is written;
 2. windows: tokenized and packed once per tokenizer and saved under `out/windows/` (teachers of one
-   tokenizer share them);
+   tokenizer share them); for chat data (rows of conversations, `data.sequences.is_chat_source`)
+   one sequence per conversation instead, rendered with the teacher tokenizer's chat template (or
+   `config.chat_template`), once per tokenizer and template, making a `sequences` cache whose
+   rows store the payload at their loss positions only (producer.sequences);
 3. the header and key (docs/FORMAT.md); the cache folder is `out/<teacher>-k<k>-<key[:16]>`;
 4. shards already listed complete are skipped, so a re-run resumes; with `num_workers` > 1 this
    process takes the shards `i` with `i % num_workers == worker_index`;
@@ -39,8 +42,16 @@ from logitcache.backends.teacher import (
     resolve_teacher,
     usable_vocab_size,
 )
-from logitcache.data import Windows, prepare_windows, tokenizer_fingerprint
-from logitcache.errors import SettingError
+from logitcache.data import (
+    Sequences,
+    Windows,
+    is_chat_source,
+    prepare_sequences,
+    prepare_windows,
+    resolve_template,
+    tokenizer_fingerprint,
+)
+from logitcache.errors import SettingError, UserError
 from logitcache.producer.config import ProduceConfig
 from logitcache.producer.header import (
     build_header,
@@ -49,6 +60,7 @@ from logitcache.producer.header import (
     with_loaded_model,
 )
 from logitcache.producer.run import run_shards
+from logitcache.producer.sequences import run_sequence_shards
 from logitcache.producer.writer import CacheWriter
 
 log = logging.getLogger(__name__)
@@ -70,22 +82,30 @@ def produce(config: ProduceConfig) -> list[Path]:
         raise SettingError("encoding", config.encoding, f"needs --backend hf (the {backend_name} backend only "
                            "returns top log-probs, not draws from the full distribution)")
     values_per_position = draws or config.k     # top-k, or the S draws of a samples payload
+    chat = is_chat_source(config.data, config.format)
+    template = _chat_settings(config, chat)
     quiet_libraries()
 
     # 1. Every teacher's cheap checks before anything is written.
-    plans = [_check_teacher(name, config, values_per_position) for name in config.teachers]
+    plans = [_check_teacher(name, config, values_per_position, chat, template) for name in config.teachers]
 
     caches = []
-    windows_by_tokenizer: dict[str, Windows] = {}
+    # windows by tokenizer, sequences by (tokenizer, template)
+    data_by_tokenizer: dict[str | tuple, Windows | Sequences] = {}
     for position, (name, rev, teacher, tokenizer) in enumerate(plans):
-        # 2. Windows, once per tokenizer.
+        # 2. Windows (or a chat corpus's sequences), once per tokenizer (and chat template).
         with _workers_lock(out, config.num_workers):
-            windows = _windows(windows_by_tokenizer, tokenizer, config)
+            if chat:
+                windows = _sequences(data_by_tokenizer, tokenizer, config, template)
+            else:
+                windows = _windows(data_by_tokenizer, tokenizer, config)
         # 3. Encoding (fitted on this teacher's windows and vocabulary if it needs corpus statistics),
         #    header, key, folder.
         encoding_info = fit_encoding(base_encoding, windows, teacher["vocab_size"])
+        layout = {"loss_tokens": windows.loss_tokens, "chat": windows.chat} if chat else {}
         header = build_header(teacher, tokenizer, windows, values_per_position, encoding_info,
-                              config.rows_per_shard, config.text_column, backend_name, base_encoding.payload)
+                              config.rows_per_shard, None if chat else config.text_column, backend_name,
+                              base_encoding.payload, **layout)
         cache_dir = out / fmt.cache_dir_name(teacher["name_or_path"], values_per_position, header.key)
         # 4. What is left for this worker (a writer is opened early only on an existing cache).
         mine = [i for i in range(header.num_shards) if i % config.num_workers == config.worker_index]
@@ -109,8 +129,12 @@ def produce(config: ProduceConfig) -> list[Path]:
                 if writer is None:
                     writer = CacheWriter(cache_dir, header)
                 todo = [i for i in todo if i not in writer.completed()]
-                run_shards(model, writer, windows.tokens, todo, config.batch_size,
-                           desc=cache_dir.name, progress=config.progress, sample=draws)
+                if chat:
+                    run_sequence_shards(model, writer, windows, todo, config.batch_size,
+                                        desc=cache_dir.name, progress=config.progress, sample=draws)
+                else:
+                    run_shards(model, writer, windows.tokens, todo, config.batch_size,
+                               desc=cache_dir.name, progress=config.progress, sample=draws)
             finally:
                 model.close()
                 del model
@@ -122,9 +146,11 @@ def produce(config: ProduceConfig) -> list[Path]:
     return caches
 
 
-def _check_teacher(name: str, config: ProduceConfig, values_per_position: int) -> tuple:
+def _check_teacher(name: str, config: ProduceConfig, values_per_position: int, chat: bool = False,
+                   template: str | None = None) -> tuple:
     """(name, revision, description, tokenizer) of a teacher whose checkpoint, tokenizer, k and
-    seq_len can work; the model itself is not loaded."""
+    seq_len can work (and, for chat data, that has a chat template or is given one); the model
+    itself is not loaded."""
     folder, rev = resolve_teacher(name, config.revision)
     teacher = describe_teacher(name, rev, config.dtype, folder=folder)
     tokenizer = load_tokenizer(folder, trust_remote_code=config.trust_remote_code)
@@ -136,7 +162,49 @@ def _check_teacher(name: str, config: ProduceConfig, values_per_position: int) -
                     teacher["vocab_size"] - 1)
     check_k(values_per_position, teacher)
     check_seq_len(config.seq_len, teacher)
+    if chat and template is None:
+        try:
+            resolve_template(tokenizer)
+        except UserError:
+            raise SettingError("chat_template", None, f"the tokenizer of --teacher {name} has none; give a Jinja "
+                               "file") from None
     return name, rev, teacher, tokenizer
+
+
+def _chat_settings(config: ProduceConfig, chat: bool) -> str | None:
+    """The chat template's text (None: each teacher tokenizer's own); chat settings on plain text are
+    refused, and chat data runs on the local engine only."""
+    if not chat:
+        given = [(name, getattr(config, name)) for name, default in
+                 (("chat_template", None), ("train_on", "assistant"), ("truncation", "drop"), ("strict", False))
+                 if getattr(config, name) != default]
+        if given:
+            raise SettingError(given[0][0], None if given[0][1] is True else given[0][1],
+                               f"applies to chat data only ({config.data} reads as plain documents; --format "
+                               "reads rows as conversations)")
+        return None
+    if config.engine != "local":
+        raise SettingError("engine", config.engine, "runs window caches only; chat data needs --engine local")
+    if config.chat_template is None:
+        return None
+    if "{{" in config.chat_template or "{%" in config.chat_template:   # the template's text itself
+        return config.chat_template
+    try:
+        return Path(config.chat_template).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingError("chat_template", config.chat_template,
+                           f"cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _sequences(memo: dict, tokenizer, config: ProduceConfig, template: str | None) -> Sequences:
+    """Sequences once per (tokenizer, template): a ladder sharing both renders the corpus once."""
+    memo_key = (tokenizer_fingerprint(tokenizer), resolve_template(tokenizer, template))
+    if memo_key not in memo:
+        memo[memo_key] = prepare_sequences(config.data, tokenizer, config.seq_len, root=config.out,
+                                           format=config.format, chat_template=template, train_on=config.train_on,
+                                           truncation=config.truncation, strict=config.strict,
+                                           max_rows=config.max_windows)
+    return memo[memo_key]
 
 
 def _windows(memo: dict, tokenizer, config: ProduceConfig) -> Windows:
