@@ -218,6 +218,28 @@ def test_masked_cache_size_follows_the_loss_token_fraction(capsys, tmp_path):
     assert fraction <= ratio <= fraction + 0.1, (fraction, ratio, sizes)
 
 
+def test_format_decides_chat_for_rows_that_pass_for_text(capsys, tmp_path, chat_teacher):
+    """Rows of `text` are documents (a windows cache, as before), or with --format text one
+    assistant message each (a sequences cache); prompt-completion rows train on the completion."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(["the man of the world"] * 4)}] * 6)
+    rc, (windows,), err = produce(capsys, "--teacher", str(chat_teacher), "--data", str(data), "--out",
+                                  str(tmp_path / "plain"), *SMALL[:2], "--seq-len", "16", *SMALL[4:])
+    assert rc == 0, err
+    assert "layout" not in manifest(windows)["data"] and manifest(windows)["format_version"] == 1
+    rc, (chat,), err = produce(capsys, "--teacher", str(chat_teacher), "--data", str(data), "--out",
+                               str(tmp_path / "chat"), "--format", "text", *SMALL)
+    assert rc == 0, err
+    d = manifest(chat)["data"]
+    assert d["layout"] == "sequences" and d["chat"]["format"] == "text" and d["num_windows"] == 6
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "the man", "completion": "of the world"}] * 3)
+    rc, (cache,), err = produce(capsys, "--teacher", str(chat_teacher), "--data", str(pc), "--out",
+                                str(tmp_path / "pc"), "--train-on", "completion", *SMALL)
+    assert rc == 0, err
+    d = manifest(cache)["data"]
+    assert d["chat"]["format"] == "prompt-completion" and d["chat"]["train_on"] == "completion"
+    assert 0 < d["loss_tokens"] < d["num_tokens"]
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: one line, nothing written
 # ---------------------------------------------------------------------------------------------
