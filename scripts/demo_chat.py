@@ -15,28 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TEACHER = ROOT / "assets" / "demo-teacher"
+from demo import ROOT, TEACHER, run, tool  # scripts/demo.py: the same steps' runner
+
 TEMPLATE = ROOT / "assets" / "chat_templates" / "demo.jinja"
 SEQ_LEN = "256"
-
-
-def run(cmd: list[str], *, capture: bool = False) -> str:
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    result = subprocess.run(cmd, stdout=subprocess.PIPE if capture else None, text=True)
-    if result.returncode != 0:
-        sys.exit(f"demo-chat: step failed (exit {result.returncode}): {cmd[0]} {cmd[1] if len(cmd) > 1 else ''}")
-    return result.stdout or ""
-
-
-def tool(name: str) -> list[str]:
-    return [sys.executable, "-m", f"{name}.cli"]
 
 
 def produce(teacher: Path, out: Path, rows: int, *extra: str) -> Path:
