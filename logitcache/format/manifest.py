@@ -6,12 +6,12 @@ docs/FORMAT.md is the normative description and this module its executable form.
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from logitcache.errors import UserError
+from logitcache.format.records import KINDS, Fields, is_count, kind_field, parse_record, record_dict
 from logitcache.format.schema import MANIFEST_NAME, SHARD_PATTERN
 from logitcache.format.seal import write_manifest
 
@@ -29,68 +29,6 @@ PAYLOAD_SAMPLES = "samples"     # distinct ids + counts of S draws per position
 PAYLOADS = (PAYLOAD_TOPK, PAYLOAD_SAMPLES)
 
 
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**53
-
-
-_KINDS = {
-    "str": lambda v: isinstance(v, str),
-    "str?": lambda v: v is None or isinstance(v, str),
-    "count": _is_count,
-    "count?": lambda v: v is None or _is_count(v),
-    "int?": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-    "bool": lambda v: isinstance(v, bool),
-    "dict": lambda v: isinstance(v, dict),
-    "dict?": lambda v: v is None or isinstance(v, dict),
-    "sha256": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
-}
-
-
-def _kind(k: str):
-    """A dataclass field whose JSON value must be of kind `k` (see _KINDS); optional kinds default
-    to None, objects to {}."""
-    if k == "dict":
-        return field(default_factory=dict, metadata={"kind": k})
-    if k.endswith("?"):
-        return field(default=None, metadata={"kind": k})
-    return field(metadata={"kind": k})
-
-
-def _parse_record(cls, d: Any, where: Path | str, name: str):
-    """Build a record from a JSON object, checking each known field's kind; unknown keys (written
-    by a newer minor version) are ignored."""
-    if not isinstance(d, dict):
-        raise UserError(f"{where}: invalid manifest: {name} must be an object")
-    values = {}
-    for f in fields(cls):
-        kind = f.metadata["kind"]
-        if f.name not in d and kind.endswith("?"):
-            continue
-        if f.name not in d and kind == "dict":
-            continue
-        value = d.get(f.name)
-        if not _KINDS[kind](value):
-            raise UserError(f"{where}: invalid manifest: {name}.{f.name} {value!r:.40} is not a valid "
-                            f"{kind.rstrip('?')}")
-        values[f.name] = value
-    return cls(**values)
-
-
-class _Fields:
-    """Read-only `record["field"]` access, for code written against the manifest as a plain dict."""
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in {f.name for f in fields(self)}:
-            raise KeyError(name)
-        return getattr(self, name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            return default
-
-
 def _rows_of_shard(rows_per_shard: int, num_windows: int, index: int) -> int:
     return max(0, min(rows_per_shard, num_windows - index * rows_per_shard))
 
@@ -100,26 +38,21 @@ def expected_rows(manifest: "Manifest | dict", index: int) -> int:
     return _rows_of_shard(manifest["rows_per_shard"], manifest["data"]["num_windows"], index)
 
 
-def _record_dict(record) -> dict:
-    return {f.name: getattr(record, f.name) for f in fields(record)
-            if not (getattr(record, f.name) is None and f.name in getattr(record, "_omit_when_none", ()))}
-
-
 @dataclass(frozen=True)
-class TeacherInfo(_Fields):
+class TeacherInfo(Fields):
     """Which model made the cache; `usable_vocab_size` < `vocab_size` when logit columns beyond the
     tokenizer's tokens were masked out (a padded vocabulary)."""
 
-    name_or_path: str = _kind("str")
-    revision: str | None = _kind("str?")
-    architecture: str | None = _kind("str?")
-    dtype: str | None = _kind("str?")
-    num_parameters: int | None = _kind("count?")
-    config_sha256: str | None = _kind("str?")
-    weights_fingerprint: str | None = _kind("str?")
-    vocab_size: int | None = _kind("count?")
-    max_position_embeddings: int | None = _kind("count?")
-    usable_vocab_size: int | None = _kind("count?")
+    name_or_path: str = kind_field("str")
+    revision: str | None = kind_field("str?")
+    architecture: str | None = kind_field("str?")
+    dtype: str | None = kind_field("str?")
+    num_parameters: int | None = kind_field("count?")
+    config_sha256: str | None = kind_field("str?")
+    weights_fingerprint: str | None = kind_field("str?")
+    vocab_size: int | None = kind_field("count?")
+    max_position_embeddings: int | None = kind_field("count?")
+    usable_vocab_size: int | None = kind_field("count?")
 
     _omit_when_none = ("usable_vocab_size",)
 
@@ -130,27 +63,27 @@ class TeacherInfo(_Fields):
 
 
 @dataclass(frozen=True)
-class TokenizerInfo(_Fields):
-    fingerprint: str = _kind("str")
-    vocab_size: int | None = _kind("count?")
-    eos_token_id: int | None = _kind("int?")
+class TokenizerInfo(Fields):
+    fingerprint: str = kind_field("str")
+    vocab_size: int | None = kind_field("count?")
+    eos_token_id: int | None = kind_field("int?")
 
 
 @dataclass(frozen=True)
-class DataInfo(_Fields):
+class DataInfo(Fields):
     """The rows a cache covers. `windows` layout: `num_windows` windows of `seq_len` positions each.
     `sequences` layout: `num_windows` rows (conversations or documents) of at most `seq_len`
     positions, of which `loss_tokens` carry a loss and are stored; `chat` says how they were made."""
 
-    fingerprint: str = _kind("str")
-    seq_len: int = _kind("count")
-    num_windows: int = _kind("count")
-    source: str | None = _kind("str?")
-    text_column: str | None = _kind("str?")
-    num_tokens: int | None = _kind("count?")
-    layout: str | None = _kind("str?")
-    loss_tokens: int | None = _kind("count?")
-    chat: dict | None = _kind("dict?")
+    fingerprint: str = kind_field("str")
+    seq_len: int = kind_field("count")
+    num_windows: int = kind_field("count")
+    source: str | None = kind_field("str?")
+    text_column: str | None = kind_field("str?")
+    num_tokens: int | None = kind_field("count?")
+    layout: str | None = kind_field("str?")
+    loss_tokens: int | None = kind_field("count?")
+    chat: dict | None = kind_field("dict?")
 
     _omit_when_none = ("layout", "loss_tokens", "chat")
 
@@ -160,34 +93,34 @@ class DataInfo(_Fields):
 
 
 @dataclass(frozen=True)
-class EncodingSpec(_Fields):
+class EncodingSpec(Fields):
     """The codec of the payload columns, with every parameter its decoder needs."""
 
-    name: str = _kind("str")
-    params: dict = _kind("dict")
+    name: str = kind_field("str")
+    params: dict = kind_field("dict")
 
 
 @dataclass(frozen=True)
-class ProducerInfo(_Fields):
-    backend: str | None = _kind("str?")
-    versions: dict = _kind("dict")
+class ProducerInfo(Fields):
+    backend: str | None = kind_field("str?")
+    versions: dict = kind_field("dict")
 
 
 @dataclass(frozen=True)
-class ShardEntry(_Fields):
+class ShardEntry(Fields):
     """One listed shard: its file, its rows (windows first_window..first_window + rows - 1), and
     the size and sha256 its file must have."""
 
-    name: str = _kind("str")
-    index: int = _kind("count")
-    first_window: int = _kind("count")
-    rows: int = _kind("count")
-    tokens: int = _kind("count")
-    bytes: int = _kind("count")
-    sha256: str = _kind("sha256")
+    name: str = kind_field("str")
+    index: int = kind_field("count")
+    first_window: int = kind_field("count")
+    rows: int = kind_field("count")
+    tokens: int = kind_field("count")
+    bytes: int = kind_field("count")
+    sha256: str = kind_field("sha256")
 
     def to_dict(self) -> dict:
-        return _record_dict(self)
+        return record_dict(self)
 
     @classmethod
     def parse(cls, d: Any, where: Path | str, seq_len: int, sequences: bool = False) -> "ShardEntry":
@@ -198,12 +131,12 @@ class ShardEntry(_Fields):
         _require(match is not None, where, f"shard name {name!r} is not shard-NNNNN.parquet")
         _require(int(match.group(1)) == d.get("index"), where, f"{name}: index disagrees with name")
         for f in ("index", "first_window", "rows", "tokens", "bytes"):
-            _require(_is_count(d.get(f)), where, f"{name}: {f} must be a non-negative integer")
+            _require(is_count(d.get(f)), where, f"{name}: {f} must be a non-negative integer")
         if sequences:   # tokens counts the stored (loss) positions: at most seq_len a row
             _require(d["tokens"] <= d["rows"] * seq_len, where, f"{name}: tokens > rows * seq_len")
         else:
             _require(d["tokens"] == d["rows"] * seq_len, where, f"{name}: tokens != rows * seq_len")
-        _require(_KINDS["sha256"](d.get("sha256")), where, f"{name}: sha256 must be 64 hex digits")
+        _require(KINDS["sha256"](d.get("sha256")), where, f"{name}: sha256 must be 64 hex digits")
         return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
@@ -213,7 +146,7 @@ def payload_of_encoding(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Manifest(_Fields):
+class Manifest(Fields):
     """A cache's `manifest.json`, validated: what made the cache, what it covers, and its shards.
 
     `k` is the number of values stored per position: the top-k size for a `topk` payload, the
@@ -298,9 +231,9 @@ class Manifest(_Fields):
         return {"format": FORMAT_NAME, "format_version": self.format_version,
                 "format_minor_version": self.format_minor_version, "key": self.key, "k": self.k,
                 "payload": self.payload, "rows_per_shard": self.rows_per_shard, "num_shards": self.num_shards,
-                "teacher": _record_dict(self.teacher), "tokenizer": _record_dict(self.tokenizer),
-                "data": _record_dict(self.data), "encoding": _record_dict(self.encoding),
-                "producer": _record_dict(self.producer), "shards": [e.to_dict() for e in self.shards],
+                "teacher": record_dict(self.teacher), "tokenizer": record_dict(self.tokenizer),
+                "data": record_dict(self.data), "encoding": record_dict(self.encoding),
+                "producer": record_dict(self.producer), "shards": [e.to_dict() for e in self.shards],
                 "complete": self.complete}
 
     @classmethod
@@ -314,18 +247,18 @@ class Manifest(_Fields):
                             f"({FORMAT_VERSION}); upgrade logitcache")
         _require(version in (WINDOWS_FORMAT_VERSION, FORMAT_VERSION), where, f"unsupported format_version {version}")
         minor = m.get("format_minor_version", 0)
-        _require(_is_count(minor), where, "format_minor_version must be a count")
+        _require(is_count(minor), where, "format_minor_version must be a count")
         for name in ("key", "teacher", "tokenizer", "data", "k", "encoding", "producer", "shards",
                      "rows_per_shard", "num_shards", "complete"):
             _require(name in m, where, f"missing field '{name}'")
         _require(isinstance(m["key"], str), where, "key must be a string")
-        _require(_is_count(m["k"]) and m["k"] >= 1, where, "k must be a positive integer")
+        _require(is_count(m["k"]) and m["k"] >= 1, where, "k must be a positive integer")
         data = m["data"]
-        _require(isinstance(data, dict) and _is_count(data.get("seq_len")) and data["seq_len"] >= 1,
+        _require(isinstance(data, dict) and is_count(data.get("seq_len")) and data["seq_len"] >= 1,
                  where, "data.seq_len must be a positive integer")
-        _require(_is_count(data.get("num_windows")), where, "data.num_windows must be a count")
-        _require(_is_count(m["rows_per_shard"]) and m["rows_per_shard"] >= 1, where, "rows_per_shard")
-        _require(_is_count(m["num_shards"]), where, "num_shards")
+        _require(is_count(data.get("num_windows")), where, "data.num_windows must be a count")
+        _require(is_count(m["rows_per_shard"]) and m["rows_per_shard"] >= 1, where, "rows_per_shard")
+        _require(is_count(m["num_shards"]), where, "num_shards")
         _require(isinstance(m["encoding"], dict) and isinstance(m["encoding"].get("name"), str),
                  where, "encoding.name")
         _require(isinstance(m["complete"], bool), where, "complete must be true or false")
@@ -341,11 +274,11 @@ class Manifest(_Fields):
         for name in names:
             _require(names.count(name) == 1, where, f"{name} listed twice")
         return cls(key=m["key"], k=m["k"], rows_per_shard=m["rows_per_shard"], num_shards=m["num_shards"],
-                   teacher=_parse_record(TeacherInfo, m["teacher"], where, "teacher"),
-                   tokenizer=_parse_record(TokenizerInfo, m["tokenizer"], where, "tokenizer"),
-                   data=_parse_record(DataInfo, data, where, "data"),
-                   encoding=_parse_record(EncodingSpec, m["encoding"], where, "encoding"),
-                   producer=_parse_record(ProducerInfo, m["producer"], where, "producer"),
+                   teacher=parse_record(TeacherInfo, m["teacher"], where, "teacher"),
+                   tokenizer=parse_record(TokenizerInfo, m["tokenizer"], where, "tokenizer"),
+                   data=parse_record(DataInfo, data, where, "data"),
+                   encoding=parse_record(EncodingSpec, m["encoding"], where, "encoding"),
+                   producer=parse_record(ProducerInfo, m["producer"], where, "producer"),
                    payload=payload, shards=tuple(shards), complete=m["complete"],
                    format_version=version, format_minor_version=minor)
 
