@@ -88,7 +88,8 @@ def main() -> None:
         run(tool("trainer") + ["pretrain", "--model", str(student_init), "--data", "shakespeare-chat:train", *chat,
                                "--seq-len", SEQ_LEN, "--max-windows", str(args.rows), "--out", str(ce_out)] + common)
     if not (kd_out / "model.safetensors").exists():
-        run(tool("trainer") + ["distill", "--student", str(student_init), "--cache", str(cache),
+        run(tool("trainer") + ["distill", "--student", str(student_init), "--cache", str(cache), "--chat-template",
+                               str(TEMPLATE),
                                "--alpha-ce", str(args.alpha_ce), "--out", str(kd_out)] + common)
 
     # 5. held-out assistant-token CE (plays never trained on) and what the mask saved.

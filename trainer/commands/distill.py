@@ -19,6 +19,7 @@ Everything else (schedule, checkpoints, --resume, torchrun DDP, OUT layout) is a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cache", required=True, help="teacher cache folder (logitcache produce)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seq-len", type=int, help="optional: must equal the cache's window length")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a cache of conversations: the chat template it was rendered with, when the student's "
+                        "tokenizer has none of its own (it must be the cache's; checked by its sha256)")
     g = p.add_argument_group("loss")
     d = LossConfig()
     g.add_argument("--loss", choices=LOSS_KINDS, default=None,
@@ -65,6 +69,26 @@ def check_cache(reader, student_fp: str, flag: str) -> None:
     if cache_fp != student_fp:
         raise UserError(f"{flag} {reader.path}: made with tokenizer {_short(cache_fp)}..., the student's "
                         f"tokenizer is {_short(student_fp)}...; distillation needs the same tokenizer")
+
+
+def check_chat_template(reader, tokenizer, template_file: str | None) -> None:
+    """A cache of conversations was rendered with one chat template; the student must speak the same
+    one (its tokenizer's own, or `template_file`), else it learns turns it will not be prompted with."""
+    chat = reader.manifest.data.chat or {}
+    want = chat.get("template_sha256")
+    if not want:
+        return
+    if template_file is not None:
+        text, where = Path(template_file).read_text(), f"--chat-template {template_file}"
+    elif getattr(tokenizer, "chat_template", None):
+        text, where = tokenizer.get_chat_template(), "the student's tokenizer's chat template"
+    else:
+        raise UserError(f"--cache {reader.path}: conversations rendered with chat template {_short(want)}..., and "
+                        "the student's tokenizer has none; give the cache's template with --chat-template FILE")
+    have = hashlib.sha256(text.encode()).hexdigest()
+    if have != want:
+        raise UserError(f"--cache {reader.path}: conversations rendered with chat template {_short(want)}..., "
+                        f"{where} is {_short(have)}...; distil with the template the cache was made with")
 
 
 def pick_loss(requested: str | None, reader, flag: str = "--cache") -> str:
@@ -112,6 +136,8 @@ def run(args) -> int:
 
     cfg = train_config_from_args(args)
     reader = CacheReader(args.cache)
+    if args.chat_template is not None and not Path(args.chat_template).is_file():
+        raise UserError(f"--chat-template {args.chat_template}: no such file")
     loss_cfg = LossConfig(loss=pick_loss(args.loss, reader), beta=args.beta, temperature=args.temperature,
                           alpha_ce=args.alpha_ce,
                           renormalize_topk=args.renormalize_topk, logits_chunk=args.logits_chunk)
@@ -121,6 +147,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.student, "--student")
     student_fp = tokenizer_fingerprint(tokenizer)
     check_cache(reader, student_fp, "--cache")
+    check_chat_template(reader, tokenizer, args.chat_template)
     if args.seq_len is not None and args.seq_len != reader.seq_len:
         raise UserError(f"--seq-len {args.seq_len}: the cache {args.cache} has windows of {reader.seq_len} positions")
     eval_reader = None
