@@ -41,6 +41,19 @@ def evaluate(model: Path, data: str, work: Path, windows: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["ce"]
 
 
+def prune_student(teacher: Path, work: Path, fraction: float) -> Path:
+    """`trainer prune` of the teacher to `fraction` of its parameters, into WORK/student-init (once)."""
+    from safetensors import safe_open
+    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
+        teacher_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    student_init = work / "student-init"
+    if not (student_init / "config.json").exists():
+        run(tool("trainer") + ["prune", "--model", str(teacher), "--out", str(student_init),
+                               "--target-params", str(int(teacher_params * fraction)),
+                               "--calib", "shakespeare:train", "--calib-windows", "64", "--seq-len", "256"])
+    return student_init
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=TEACHER,
@@ -74,14 +87,7 @@ def main() -> None:
     run(tool("logitcache") + ["inspect", str(cache)])
 
     # 3. prune the teacher to ~40% of its parameters (activation importance, as Minitron).
-    from safetensors import safe_open
-    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
-        teacher_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    student_init = work / "student-init"
-    if not (student_init / "config.json").exists():
-        run(tool("trainer") + ["prune", "--model", str(teacher), "--out", str(student_init),
-                               "--target-params", str(int(teacher_params * args.target_fraction)),
-                               "--calib", "shakespeare:train", "--calib-windows", "64", "--seq-len", "256"])
+    student_init = prune_student(teacher, work, args.target_fraction)
 
     # 4. the same student trained twice on the same windows for the same steps.
     steps = args.windows // args.batch_size

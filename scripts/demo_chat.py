@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-from demo import ROOT, TEACHER, run, tool  # scripts/demo.py: the same steps' runner
+from demo import ROOT, TEACHER, prune_student, run, tool  # scripts/demo.py: the same steps' runner
 
 TEMPLATE = ROOT / "assets" / "chat_templates" / "demo.jinja"
 SEQ_LEN = "256"
@@ -70,14 +69,7 @@ def main() -> None:
     run(tool("logitcache") + ["inspect", str(cache)])
 
     # 3. prune the teacher to ~40% of its parameters.
-    from safetensors import safe_open
-    with safe_open(str(teacher / "model.safetensors"), "pt") as f:
-        teacher_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    student_init = work / "student-init"
-    if not (student_init / "config.json").exists():
-        run(tool("trainer") + ["prune", "--model", str(teacher), "--out", str(student_init),
-                               "--target-params", str(int(teacher_params * args.target_fraction)),
-                               "--calib", "shakespeare:train", "--calib-windows", "64", "--seq-len", SEQ_LEN])
+    student_init = prune_student(teacher, work, args.target_fraction)
 
     # 4. the same student trained twice on the same conversations for the same steps.
     steps = args.rows // args.batch_size

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import save_tiny_teacher
 from test_backend_vllm import LP_TOL, needs_vllm
+from test_produce import one_thread  # noqa: F401  (fixture)
 from test_produce_chat_data import TEMPLATES, chat_rows, chat_tokenizer, chat_tokenizer_dir, write_jsonl  # noqa: F401  (fixtures)
 
 from logitcache import format as fmt
@@ -30,14 +31,6 @@ DEMO_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "demo-teacher"
 SMALL = ["--k", "8", "--seq-len", "127", "--rows-per-shard", "8", "--batch-size", "4", "--no-progress",
          "--backend", "hf"]
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

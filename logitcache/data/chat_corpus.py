@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from logitcache.data.corpus import SHAKESPEARE_CHAT_SOURCES, resolve_source
+from logitcache.data.corpus import SHAKESPEARE_CHAT_SOURCES, load_hub_dataset, resolve_source
 from logitcache.errors import SettingError
 
 MAX_SPEECHES = 8
@@ -53,13 +53,7 @@ def iter_chat_rows(source: str, split: str = "train", home: Path | None = None) 
     files, _ = resolve_source(source, home)
     datasets.disable_progress_bars()
     if files is None:
-        name, _, hub_split = source.partition(":")
-        try:
-            ds = datasets.load_dataset(name, split=hub_split or split)
-        except Exception as exc:  # the hub is unreachable or the name is wrong: say which
-            raise SettingError("data", source, f"not a local path and the hub dataset could not be loaded "
-                               f"({type(exc).__name__})") from None
-        yield from ds
+        yield from load_hub_dataset(source, split)
         return
     for path in files:
         if path.suffix == ".txt":

@@ -97,6 +97,18 @@ def _looks_like_hub_name(source: str) -> bool:
     return source.count("/") == 1 and not Path(source.split("/")[0]).exists()
 
 
+def load_hub_dataset(source: str, split: str = "train"):
+    """`name[:split]` from the hub through `datasets`; a one-line error when it cannot be had."""
+    import datasets
+
+    name, _, hub_split = source.partition(":")
+    try:
+        return datasets.load_dataset(name, split=hub_split or split)
+    except Exception as exc:  # the hub is unreachable or the name is wrong: say which
+        raise SettingError("data", source, f"not a local path and the hub dataset could not be "
+                        f"loaded ({type(exc).__name__})") from None
+
+
 def iter_documents(source: str, text_column: str = "text", split: str = "train",
                    home: Path | None = None) -> Iterator[str]:
     """Yield documents in a deterministic order (sorted files, rows in file order).
@@ -111,13 +123,7 @@ def iter_documents(source: str, text_column: str = "text", split: str = "train",
     files, _ = resolve_source(source, home)
     datasets.disable_progress_bars()
     if files is None:
-        name, _, hub_split = source.partition(":")
-        try:
-            ds = datasets.load_dataset(name, split=hub_split or split)
-        except Exception as exc:  # the hub is unreachable or the name is wrong: say which
-            raise SettingError("data", source, f"not a local path and the hub dataset could not be "
-                            f"loaded ({type(exc).__name__})") from None
-        yield from _column(ds, text_column, source)
+        yield from _column(load_hub_dataset(source, split), text_column, source)
         return
     # One load_dataset call per run of same-type files: per-file calls cost seconds each.
     groups: list[tuple[str, list[Path]]] = []
