@@ -1,11 +1,17 @@
 """Train the demo teacher once and store it in `assets/demo-teacher/` (bf16 safetensors, ~15 MB).
 
-    python scripts/train_demo_teacher.py --out assets/demo-teacher            # ~30-40 min on 2 CPU cores
-    python scripts/train_demo_teacher.py --out assets/demo-teacher --device cuda   # minutes on a GPU
+    python scripts/train_demo_teacher.py --out assets/demo-teacher --threads 1   # ~1 h on one CPU core
+    python scripts/train_demo_teacher.py --out assets/demo-teacher --device cuda  # minutes on a GPU
+
+A run saves its state (weights, AdamW moments, step) every `--save-every` steps to
+`<out>/.resume/` as safetensors; run the same command again after an interruption and it goes on
+from there, so the result is the same as an uninterrupted run's (batch i and the learning rate are
+pure functions of the seed and the step).
 
 `make demo` uses the stored checkpoint and only runs this when it is missing. A teacher must be
 clearly stronger than what its pruned student reaches alone, else distillation teaches nothing; a
-7.4M-parameter Llama trained on ~2M tokens of the Shakespeare split is, against a student trained on ~0.5M.
+7.4M-parameter Llama trained on ~10M tokens (several epochs of the Shakespeare split) is, against a
+student trained on ~0.5M.
 The tokenizer is trained here too and saved beside the weights, since the weights depend on it.
 """
 
@@ -20,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from logitcache.data import iter_documents, prepare_windows, train_bpe_tokenizer
@@ -46,13 +53,47 @@ def heldout_ce(model: LlamaForCausalLM, tokens: np.ndarray, device: str, batch: 
     return total / count
 
 
+def save_state(folder: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, step: int,
+               log: list[dict]) -> None:
+    """Weights and AdamW moments as safetensors (no pickle), the step and log as JSON; renamed into place."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key in ("exp_avg", "exp_avg_sq"):
+                tensors[f"{key}.{names[id(p)]}"] = opt.state[p][key].contiguous()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "log": log}))
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    tmp.rename(folder)
+
+
+def load_state(folder: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore what `save_state` wrote; returns the next step and the log so far."""
+    progress = json.loads((folder / "progress.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(tensors[f"model.{n}"])
+    step = int(progress["step"])
+    for n, p in model.named_parameters():
+        opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": tensors[f"exp_avg.{n}"].clone(),
+                        "exp_avg_sq": tensors[f"exp_avg_sq.{n}"].clone()}
+    return step, list(progress["log"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("assets/demo-teacher"), help="checkpoint folder to write")
     ap.add_argument("--work", type=Path, default=Path("work_dir"), help="folder for token windows")
     ap.add_argument("--seq-len", type=int, default=256, help="training window length in tokens")
     ap.add_argument("--batch-size", type=int, default=24, help="windows per step")
-    ap.add_argument("--steps", type=int, default=320, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=1600, help="optimizer steps")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     ap.add_argument("--warmup", type=int, default=30, help="linear warmup steps")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -60,6 +101,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer instead of training one")
     ap.add_argument("--vocab-size", type=int, default=8192,
                     help="size of the BPE vocabulary trained when --tokenizer is not given")
+    ap.add_argument("--save-every", type=int, default=100, help="steps between resumable saves")
+    ap.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 is faster than 2 when other work shares the cores)")
     args = ap.parse_args()
@@ -68,7 +111,10 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.tokenizer is None:
+    resume = args.out / ".resume"
+    if resume.exists():
+        tok = AutoTokenizer.from_pretrained(args.out)
+    elif args.tokenizer is None:
         train_bpe_tokenizer(iter_documents("shakespeare:train"), args.out, vocab_size=args.vocab_size)
         tok = AutoTokenizer.from_pretrained(args.out)
     else:
@@ -85,9 +131,15 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     order = np.concatenate([rng.permutation(len(train)) for _ in range(
         math.ceil(args.steps * args.batch_size / len(train)) + 1)])
-    log = []
+    log: list[dict] = []
+    start = 0
+    if resume.exists():
+        start, log = load_state(resume, model, opt)
+        for _ in range(start):
+            sched.step()
+        print(json.dumps({"resumed_at_step": start}), flush=True)
     t0 = time.time()
-    for step in range(args.steps):
+    for step in range(start, args.steps):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         x = torch.as_tensor(train[idx], dtype=torch.long, device=args.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.startswith("cuda")):
@@ -98,18 +150,27 @@ def main() -> None:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == args.steps - 1:
-            tps = (step + 1) * x[:, 1:].numel() / (time.time() - t0)
+        evaluate_now = step == args.steps - 1 or (step + 1) % args.eval_every == 0
+        if step % 10 == 0 or evaluate_now:
+            tps = (step + 1 - start) * x[:, 1:].numel() / (time.time() - t0)
             entry = {"step": step, "loss": round(loss.item(), 4), "tokens_per_s": round(tps)}
-            if step == args.steps - 1:
+            if evaluate_now:
                 entry["heldout_ce"] = round(heldout_ce(model, heldout, args.device), 4)
             log.append(entry)
             print(json.dumps(entry), flush=True)
+        if (step + 1) % args.save_every == 0 and step != args.steps - 1:
+            save_state(resume, model, opt, step + 1, log)
 
     model.to(torch.bfloat16).save_pretrained(args.out, safe_serialization=True)
+    if resume.exists():
+        for f in resume.iterdir():
+            f.unlink()
+        resume.rmdir()
     info = {"params": n_params, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "tokens_seen": args.steps * args.batch_size * args.seq_len, "seed": args.seed,
-            "final": log[-1], "minutes": round((time.time() - t0) / 60, 1), "device": args.device}
+            "final": log[-1],
+            "heldout_curve": [{"step": e["step"], "heldout_ce": e["heldout_ce"]} for e in log if "heldout_ce" in e],
+            "minutes": round((time.time() - t0) / 60, 1), "device": args.device}
     (args.out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(info))
 
