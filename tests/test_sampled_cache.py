@@ -125,6 +125,19 @@ def test_sampled_with_vllm_is_refused_in_one_line(capsys, tmp_path, tiny_teacher
     assert not root.exists()
 
 
+def test_k_is_a_sampled_caches_S_and_must_agree_with_the_S_parameter(capsys, tmp_path, tiny_teachers, corpus_dir):
+    """`--k 8 --encoding sampled` draws 8 per position (k is S); a different `S=` is refused in one line."""
+    args = ["--teacher", str(tiny_teachers["llama"]), "--data", str(corpus_dir), "--max-windows", "4",
+            "--encoding", "sampled", "--k", "8", *SMALL]
+    assert main(["produce", *args, "--out", str(tmp_path / "k8")]) == 0
+    (cache,) = [p.parent for p in (tmp_path / "k8").glob("*/manifest.json")]
+    reader = CacheReader(cache)
+    assert reader.k == 8 and reader.encoding.S == 8
+    assert next(iter(reader.dataset(2)))["sample_ids"].shape[-1] == 8
+    refused(capsys, tmp_path / "bad", *args, "--encoding-param", "S=16",
+            match="--k 8: a sampled cache's k is its S, and --encoding-param S=16 differs")
+
+
 def test_distill_from_a_sampled_cache_decreases_the_loss(tmp_path, tiny_teachers, sampled_cache):
     out = tmp_path / "kd"
     assert run_trainer("distill", "--student", tiny_teachers["llama_b"], "--cache", sampled_cache, "--out", out,

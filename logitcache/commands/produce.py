@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shakespeare-chat:train|heldout) make a cache of conversations")
     p.add_argument("--out", required=True, type=Path, metavar="ROOT",
                    help="folder that holds the caches (and the shared token windows)")
-    p.add_argument("--k", type=int, default=64,
-                   help="top-k log-probs kept per position (default 64; a sampled cache's k is its S)")
+    p.add_argument("--k", type=int, default=None,
+                   help="top-k log-probs kept per position (default 64); with --encoding sampled, the draws "
+                        "per position S (default 16; the same as --encoding-param S=N)")
     p.add_argument("--seq-len", type=int, default=512, help="positions per window (default 512)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -147,14 +148,25 @@ def _engine_options(args: argparse.Namespace) -> dict:
     return {"actors": args.ray_actors, "address": args.ray_address, "cpus_per_actor": args.ray_cpus_per_actor}
 
 
+def _k_and_encoding_params(args: argparse.Namespace) -> tuple[int, dict]:
+    """--k is the top-k, or a sampled cache's S: then it must agree with --encoding-param S."""
+    params = parse_encoding_params(args.encoding_param)
+    if args.encoding != "sampled" or args.k is None:
+        return (64 if args.k is None else args.k), params
+    if "S" in params and params["S"] != args.k:
+        raise UserError(f"--k {args.k}: a sampled cache's k is its S, and --encoding-param S={params['S']} differs")
+    return args.k, {**params, "S": args.k}
+
+
 def config_from_args(args: argparse.Namespace) -> ProduceConfig:
+    k, encoding_params = _k_and_encoding_params(args)
     backend_options = {"max_num_batched_tokens": args.max_num_batched_tokens,
                        "tensor_parallel_size": args.tensor_parallel_size,
                        "gpu_memory_utilization": args.gpu_memory_utilization}
     return ProduceConfig(
-        teachers=tuple(args.teacher), data=args.data, out=args.out, k=args.k, seq_len=args.seq_len,
+        teachers=tuple(args.teacher), data=args.data, out=args.out, k=k, seq_len=args.seq_len,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
-        encoding=args.encoding, encoding_params=parse_encoding_params(args.encoding_param),
+        encoding=args.encoding, encoding_params=encoding_params,
         num_workers=args.num_workers, worker_index=args.worker_index, text_column=args.text_column,
         max_windows=args.max_windows, backend=args.backend, revision=args.revision,
         trust_remote_code=args.trust_remote_code, logits_chunk=args.logits_chunk,
