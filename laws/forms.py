@@ -49,6 +49,11 @@ def _arr(x: ArrayLike) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
+def _expit(x: np.ndarray) -> np.ndarray:
+    """The logistic 1 / (1 + e^-x), stable at any x; numpy alone, so evaluating the laws needs no scipy."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
 def _power_sum(N: np.ndarray, D: np.ndarray,
                p: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """S = A/N^a + B/D^b and its two terms, computed in log space (no overflow at N ~ 1e12)."""
@@ -93,7 +98,7 @@ def _distill_with_grad(N: np.ndarray, D: np.ndarray, LT: np.ndarray, Lt: np.ndar
     logF = -p["c1"] * p["f1"] * soft
     logP = -p["c0"] * logLT + logF + p["g"] * logS
     P = np.exp(logP)
-    sig = require("scipy.special").expit(x)
+    sig = _expit(x)
     gS = p["g"] / S
     dlogP = {
         "A": gS * tA,
@@ -171,5 +176,4 @@ def _optimum_slope(log_lt: float, n: np.ndarray, d: np.ndarray, lt: np.ndarray,
     ls = _distill_with_grad(n, d, LT, lt, params)[0]
     u = math.log(LT[0] / (lt[0] * params["d1"]))
     gap = float(ls[0] - LT[0])
-    expit = require("scipy.special").expit
-    return LT[0] - gap * (params["c0"] + params["c1"] * float(expit(u / params["f1"])))
+    return LT[0] - gap * (params["c0"] + params["c1"] * float(_expit(np.asarray(u / params["f1"]))))
