@@ -16,9 +16,10 @@ report theirs (``BUSBRIDGE_SUPERVISED``, ``BUSBRIDGE_DISTILL``) beside them.
 
 Modules: ``forms`` (the law formulas and published coefficients), ``sweep`` (run records,
 best teacher per student), ``gap`` (the capacity-gap fits), ``fit`` (fitting the laws),
-``plot`` (matplotlib figure), ``blas`` (one BLAS thread during fits), ``extras`` (the optional
-scipy / matplotlib).  numpy is the only import at load time; functions that need scipy or
-matplotlib import them when called and raise ``MissingExtraError`` (one line:
+``plan`` (which teacher to cache for one student: ``trainer plan``), ``fitsfile`` (a sweep's
+``fits.json`` read back), ``plot`` (matplotlib figures), ``blas`` (one BLAS thread during fits),
+``extras`` (the optional scipy / matplotlib).  numpy is the only import at load time;
+functions that need scipy or matplotlib import them when called and raise ``MissingExtraError`` (one line:
 ``pip install 'logitcache[laws]'``) when they are missing.  docs/laws.md says what the law
 implies and how far a small sweep's fit can be trusted.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 from laws.blas import _single_threaded_blas as _single_threaded_blas
 from laws.extras import INSTALL_HINT, MissingExtraError, ensure_installed
 from laws.fit import HUBER_DELTA, FitResult, HoldoutResult, fit_distillation, fit_supervised, holdout_error
+from laws.fitsfile import FITS_VERSION, read_fits_law
 from laws.forms import (
     BUSBRIDGE_DISTILL,
     BUSBRIDGE_SUPERVISED,
@@ -44,24 +46,32 @@ from laws.forms import (
 from laws.forms import _distill_with_grad as _distill_with_grad
 from laws.forms import _supervised_with_grad as _supervised_with_grad
 from laws.gap import fit_capacity_gap, fit_capacity_gap_runs
-from laws.plot import plot_sweep
+from laws.plan import PUBLISHED_LAW, Law, Plan, PlanConfig, PlanInputError, TeacherPrediction, plan_teachers
+from laws.plot import plan_figure, plot_sweep
 from laws.sweep import SweepRun, TeacherOptimum, as_runs, best_teachers, supervised_points, teacher_optima
 
 __all__ = [
     "BUSBRIDGE_DISTILL",
     "BUSBRIDGE_SUPERVISED",
     "DISTILL_KEYS",
+    "FITS_VERSION",
     "HUBER_DELTA",
     "INSTALL_HINT",
     "MINIMA_CAPACITY_GAP",
+    "PUBLISHED_LAW",
     "SUPERVISED_KEYS",
     "SWEEP_FIXED_DISTILL",
     "SWEEP_FIXED_SUPERVISED",
     "FitResult",
     "HoldoutResult",
+    "Law",
     "MissingExtraError",
+    "Plan",
+    "PlanConfig",
+    "PlanInputError",
     "SweepRun",
     "TeacherOptimum",
+    "TeacherPrediction",
     "as_runs",
     "best_teachers",
     "busbridge_distill",
@@ -73,7 +83,10 @@ __all__ = [
     "fit_distillation",
     "fit_supervised",
     "holdout_error",
+    "plan_figure",
+    "plan_teachers",
     "plot_sweep",
+    "read_fits_law",
     "supervised_points",
     "teacher_optima",
 ]

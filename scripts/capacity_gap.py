@@ -272,7 +272,7 @@ def fits(rows: list[dict], n_boot: int) -> dict:
     runs = [sl.SweepRun(**{k: r[k] for k in ("student_params", "student_tokens", "teacher_params", "teacher_loss",
                                              "student_loss", "ce_only_loss", "teacher_tokens")}) for r in rows]
     optima = sl.teacher_optima(runs)
-    out: dict = {"optima": [o.__dict__ for o in optima]}
+    out: dict = {"version": sl.FITS_VERSION, "optima": [o.__dict__ for o in optima]}   # read by trainer plan --law
     try:
         gap = sl.fit_capacity_gap_runs(runs, n_boot=n_boot)
         out["capacity_gap"] = {k: v for k, v in gap.items()}
