@@ -15,6 +15,7 @@ COMMANDS = {
     "prune": "structured pruning (heads, FFN, hidden, layers) ranked by importance",
     "distill": "train a student from a teacher's cache with tail-exact KD losses",
     "evaluate": "held-out CE of a model (and KL to a teacher cache)",
+    "plan": "which teacher to cache: the distillation law's predicted student loss per candidate",
 }
 
 
