@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Iterator, Protocol
 
@@ -103,6 +104,7 @@ class CacheDataset(IterableDataset):
                                for p, e in enumerate(self.entries)
                                for s in range(0, e.rows, UNIT_ROWS)], dtype=np.int64).reshape(-1, 3)
         self.set_epoch(epoch, start_batch)
+        self._random_access: tuple | None = None   # see batch()
 
     # -- position ------------------------------------------------------------------------------
 
@@ -185,6 +187,23 @@ class CacheDataset(IterableDataset):
         finally:
             for pf in files.values():
                 self.reader.close_parquet(pf)
+
+    def batch(self, j: int) -> dict:
+        """Batch `j` of the current epoch, the same tensors iteration yields as its j-th, by index (for a
+        map-style dataset over this order). The decoded units and open files of recent calls are kept
+        for the next ones, per process and epoch: a forked DataLoader worker starts its own."""
+        state = self._random_access
+        if state is None or state[0] != (os.getpid(), self.epoch):
+            state = self._random_access = ((os.getpid(), self.epoch), self.order(), self.batches_in_epoch(),
+                                           OrderedDict(), OrderedDict())
+        _, (unit_col, row_col), nb, cache, files = state
+        if not 0 <= j < nb:
+            raise IndexError(f"batch {j} of an epoch of {nb} batches")
+        sl = slice(j * self.batch_size, (j + 1) * self.batch_size)
+        return torch_batch(self._gather(unit_col[sl], row_col[sl], cache, files))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_random_access": None}    # open files stay in their process
 
     def _gather(self, units: np.ndarray, rows: np.ndarray, cache: OrderedDict, files: OrderedDict
                 ) -> dict[str, np.ndarray]:

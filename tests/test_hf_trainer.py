@@ -1,0 +1,175 @@
+"""Distilling inside `transformers.Trainer` (logitcache.integrations.transformers + trainer.integrations):
+the same batches, normalisation and schedule as `trainer distill`, hence the same losses step for step.
+
+Parity tolerance: both runs do the same float32 arithmetic on CPU in the same order (same batches,
+same logits, same loss code, same AdamW, same clipping); they differ only in how the step's loss is
+summed for logging (the Trainer adds float32 micro-batch shares, the loop float64 token sums), a
+few float32 ulps of a loss near 3 (~1e-7). 1e-5 leaves room for that and nothing else: one
+different batch, a mean per micro-batch or a shifted learning rate moves the loss by > 1e-3.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_teacher
+from test_loop import caches, heldout_file  # noqa: F401  (fixtures)
+from test_produce import one_thread  # noqa: F401  (fixture: one torch thread)
+from test_produce_chat import SMALL, chat_data, chat_teacher, produce, rows  # noqa: F401  (fixtures)
+from test_produce_chat_data import chat_tokenizer_dir  # noqa: F401  (fixture)
+from test_sampled_cache import sampled_cache  # noqa: F401  (fixture)
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from logitcache.errors import UserError
+from logitcache.integrations.transformers import IGNORE_INDEX, DistillCollator, DistillDataset
+from logitcache.read.reader import CacheReader
+from trainer.cli import main as trainer_main
+from trainer.config import LossConfig
+from trainer.data import CacheBatches
+from trainer.integrations.transformers import DistillTrainer
+
+STEPS, BATCH, ACCUM, LR, WARMUP, MIN_LR = 10, 4, 2, 3e-3, 3, 0.1
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def chat_cache(tmp_path_factory, chat_teacher, chat_data) -> Path:
+    """A sequences cache: 16 conversations, the teacher's top-8 at the assistant tokens only."""
+    root = tmp_path_factory.mktemp("chat_caches")
+    from logitcache.cli import main
+
+    assert main(["produce", "--teacher", str(chat_teacher), "--data", str(chat_data), "--out", str(root),
+                 *SMALL]) == 0
+    (cache,) = [p.parent for p in root.glob("*/manifest.json")]
+    return cache
+
+
+def cache_and_student(layout: str, request, tmp_path: Path) -> tuple[Path, Path]:
+    if layout == "sequences":
+        tok = request.getfixturevalue("chat_tokenizer_dir")
+        cache = request.getfixturevalue("chat_cache")
+        return cache, save_tiny_teacher(tmp_path / "student", "llama", tok, seed=3, context=128)
+    cache = request.getfixturevalue("caches")["train"] if layout == "windows" else request.getfixturevalue(
+        "sampled_cache")
+    tok = request.getfixturevalue("tiny_tokenizer_dir")
+    return cache, save_tiny_teacher(tmp_path / "student", "llama", tok, seed=3)
+
+
+def hf_arguments(out: Path, **overrides) -> TrainingArguments:
+    """`trainer distill`'s defaults spelled as ordinary TrainingArguments."""
+    settings = dict(max_steps=STEPS, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+                    learning_rate=LR, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+                    max_grad_norm=1.0, warmup_steps=WARMUP, lr_scheduler_type="cosine_with_min_lr",
+                    lr_scheduler_kwargs={"min_lr_rate": MIN_LR}, logging_steps=1, save_strategy="no",
+                    report_to="none", use_cpu=True, seed=0, optim="adamw_torch", disable_tqdm=True)
+    return TrainingArguments(str(out), **{**settings, **overrides})
+
+
+def hf_trainer(student: Path, cache: Path, out: Path, loss: LossConfig, **overrides) -> DistillTrainer:
+    args = hf_arguments(out, **overrides)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    dataset = DistillDataset(cache, args.per_device_train_batch_size, seed=args.seed)
+    return DistillTrainer(model=model, args=args, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(student), loss=loss, loop_schedule=True)
+
+
+@pytest.mark.parametrize("layout, loss", [
+    ("windows", LossConfig(loss="forward_kl", alpha_ce=0.5)),
+    ("sequences", LossConfig(loss="jsd", beta=0.3, alpha_ce=0.2)),
+    ("samples", LossConfig(loss="sampled", alpha_ce=0.5)),
+])
+def test_hf_trainer_matches_trainer_distill_step_for_step(layout, loss, request, tmp_path):
+    cache, student = cache_and_student(layout, request, tmp_path)
+    argv = ["distill", "--student", student, "--cache", cache, "--out", tmp_path / "ours", "--steps", STEPS,
+            "--batch-size", BATCH, "--grad-accum", ACCUM, "--lr", LR, "--warmup", WARMUP, "--min-lr-ratio", MIN_LR,
+            "--loss", loss.loss, "--beta", loss.beta, "--alpha-ce", loss.alpha_ce, "--log-every", 1,
+            "--save-every", 0, "--eval-every", 0, "--no-progress"]
+    assert trainer_main([str(a) for a in argv]) == 0
+    ours = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+
+    trainer = hf_trainer(student, cache, tmp_path / "hf", loss)
+    model = trainer.model
+    # Hugging Face's decay groups are the loop's (matrices decay, norms do not) for this model
+    assert set(trainer.get_decay_parameter_names(model)) == {n for n, p in model.named_parameters() if p.dim() >= 2}
+    trainer.train()
+    hf = [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    assert [e["step"] for e in ours] == [e["step"] for e in hf] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, hf):
+        assert abs(a["loss"] - b["loss"]) <= TOL, (a["step"], a["loss"], b["loss"])
+        assert abs(a["kd"] - b["kd"]) <= TOL and abs(a["ce"] - b["ce"]) <= TOL
+        assert b["learning_rate"] == pytest.approx(a["lr"], rel=1e-12)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert ours[WARMUP - 1]["lr"] == pytest.approx(LR)           # the peak at the warmup's last step
+    assert ours[-1]["loss"] < ours[0]["loss"] + 0.5               # a sane run (tiny models, 10 steps)
+
+
+def test_rows_follow_trainer_distills_batches_on_every_rank(caches):
+    """Row j of the dataset is rank (j // B) % W's next micro-batch, as CacheBatches gives it, across epochs."""
+    reader = CacheReader(caches["train"])
+    world, b = 2, 8
+    ds = DistillDataset(reader, b, seed=5, world_size=world)
+    per_epoch = ds.batches_in_epoch(0)
+    assert len(ds) == per_epoch * b * world
+    for rank in range(world):
+        stream = CacheBatches(reader, b, seed=5, rank=rank, world=world).stream(per_epoch - 2, 4)
+        for i, batch in zip(range(per_epoch - 2, per_epoch + 2), stream):   # the last two and the next epoch's first
+            ds.set_epoch(i // per_epoch)
+            rows = [ds[((i % per_epoch) * world + rank) * b + p] for p in range(b)]
+            assert [int(r["window_id"]) for r in rows] == batch["window_id"].tolist()
+            got = DistillCollator()(rows)
+            for key in ("input_ids", "labels", "topk_ids", "topk_logprobs", "tail_logmass"):
+                assert torch.equal(got[key], batch[key]), key
+            assert got["loss_mask"].all() and got["attention_mask"].eq(1).all()
+
+
+def test_collated_conversations_are_the_readers_batch_with_labels_masked(chat_cache):
+    reader = CacheReader(chat_cache)
+    ds = DistillDataset(reader, 4, seed=0, world_size=1)
+    (batch,) = CacheBatches(reader, 4, seed=0).stream(0, 1)
+    rows = [ds[p] for p in range(4)]
+    assert [len(r["labels"]) for r in rows] == batch["attention_mask"].sum(1).tolist()   # each row its own length
+    got = DistillCollator()(rows)
+    mask = batch["loss_mask"]
+    assert 0 < int(mask.sum()) < mask.numel()
+    for key in ("attention_mask", "loss_mask", "topk_ids", "tail_logmass"):
+        assert torch.equal(got[key], batch[key]), key
+    seen = batch["attention_mask"].bool()      # the reader leaves a row's last token past its positions
+    assert torch.equal(got["input_ids"][seen], batch["input_ids"][seen]) and (got["input_ids"][~seen] == 0).all()
+    assert torch.equal(got["labels"][mask], batch["labels"][mask])
+    assert (got["labels"][~mask] == IGNORE_INDEX).all() and got["shift_labels"] is got["labels"]
+
+
+def test_the_step_is_normalised_over_the_whole_accumulated_batch(request, tmp_path):
+    """4 conversations as one micro-batch or as 2 x 2 with accumulation: one step, the same loss and
+    gradient (the micro-batches carry different numbers of loss tokens, where a mean of means differs)."""
+    cache, student = cache_and_student("sequences", request, tmp_path)
+    def counts(seed: int) -> list[int]:        # loss tokens of the two micro-batches of 2
+        ds = DistillDataset(cache, 2, seed=seed, world_size=1)
+        return [int(DistillCollator()([ds[2 * m + p] for p in range(2)])["loss_mask"].sum()) for m in range(2)]
+
+    seed = next(s for s in range(20) if len(set(counts(s))) == 2)
+    loss = LossConfig(alpha_ce=0.5)
+    one = hf_trainer(student, cache, tmp_path / "one", loss, max_steps=1, warmup_steps=0, seed=seed,
+                     gradient_accumulation_steps=1)
+    two = hf_trainer(student, cache, tmp_path / "two", loss, max_steps=1, warmup_steps=0, seed=seed,
+                     per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    one.train()
+    two.train()
+    (a,), (b,) = ([e for e in t.state.log_history if "loss" in e] for t in (one, two))
+    assert abs(a["loss"] - b["loss"]) <= TOL and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_mismatched_settings_are_one_line_errors(caches, tiny_tokenizer_dir, tmp_path):
+    student = save_tiny_teacher(tmp_path / "student", "llama", tiny_tokenizer_dir, seed=3)
+    with pytest.raises(UserError, match="does not match per_device_train_batch_size=4"):
+        DistillTrainer(model=AutoModelForCausalLM.from_pretrained(student), args=hf_arguments(tmp_path / "a"),
+                       train_dataset=DistillDataset(caches["train"], 2, world_size=1))
+    with pytest.raises(UserError, match="cosine_with_min_lr"):
+        hf_trainer(student, caches["train"], tmp_path / "c", LossConfig(), lr_scheduler_type="linear",
+                   lr_scheduler_kwargs={})
+    with pytest.raises(UserError, match="too few"):
+        DistillDataset(caches["train"], 10_000)

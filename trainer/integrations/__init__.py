@@ -1,0 +1,1 @@
+"""Training students from caches inside other libraries' trainers (Hugging Face `transformers.Trainer`)."""
