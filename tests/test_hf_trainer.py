@@ -11,17 +11,19 @@ different batch, a mean per micro-batch or a shifted learning rate moves the los
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import save_tiny_teacher
 from test_loop import caches, heldout_file  # noqa: F401  (fixtures)
 from test_produce import one_thread  # noqa: F401  (fixture: one torch thread)
 from test_produce_chat import SMALL, chat_data, chat_teacher, produce, rows  # noqa: F401  (fixtures)
 from test_produce_chat_data import chat_tokenizer_dir  # noqa: F401  (fixture)
 from test_sampled_cache import sampled_cache  # noqa: F401  (fixture)
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from logitcache.errors import UserError
 from logitcache.integrations.transformers import IGNORE_INDEX, DistillCollator, DistillDataset
@@ -29,10 +31,11 @@ from logitcache.read.reader import CacheReader
 from trainer.cli import main as trainer_main
 from trainer.config import LossConfig
 from trainer.data import CacheBatches
-from trainer.integrations.transformers import DistillTrainer
+from trainer.integrations.transformers import DistillTrainer, distill_compute_loss
 
 STEPS, BATCH, ACCUM, LR, WARMUP, MIN_LR = 10, 4, 2, 3e-3, 3, 0.1
 TOL = 1e-5
+DDP_STEPS = 5
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +71,14 @@ def hf_arguments(out: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(str(out), **{**settings, **overrides})
 
 
-def hf_trainer(student: Path, cache: Path, out: Path, loss: LossConfig, **overrides) -> DistillTrainer:
+def hf_trainer(student: Path, cache: Path, out: Path, loss: LossConfig, loop_schedule: bool = True,
+               **overrides) -> DistillTrainer:
     args = hf_arguments(out, **overrides)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
     dataset = DistillDataset(cache, args.per_device_train_batch_size, seed=args.seed)
     return DistillTrainer(model=model, args=args, train_dataset=dataset,
-                          processing_class=AutoTokenizer.from_pretrained(student), loss=loss, loop_schedule=True)
+                          processing_class=AutoTokenizer.from_pretrained(student), loss=loss,
+                          loop_schedule=loop_schedule)
 
 
 @pytest.mark.parametrize("layout, loss", [
@@ -163,6 +168,33 @@ def test_the_step_is_normalised_over_the_whole_accumulated_batch(request, tmp_pa
     assert abs(a["loss"] - b["loss"]) <= TOL and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+class PlainKDTrainer(Trainer):
+    """What the README shows for one's own Trainer subclass (or TRL's): only compute_loss changes."""
+
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return distill_compute_loss(model, inputs, LossConfig(alpha_ce=0.5), vocab=self.train_dataset.vocab_size,
+                                    num_items_in_batch=num_items_in_batch,
+                                    num_processes=self.accelerator.num_processes, return_outputs=return_outputs)
+
+
+def test_a_plain_trainer_with_distill_compute_loss_takes_the_same_steps(request, tmp_path):
+    """transformers counts the step's loss tokens itself, from `shift_labels`: the same normalisation."""
+    cache, student = cache_and_student("sequences", request, tmp_path)
+    ours = hf_trainer(student, cache, tmp_path / "ours", LossConfig(alpha_ce=0.5), False, max_steps=4)
+    ours.train()
+    args = hf_arguments(tmp_path / "plain", max_steps=4, remove_unused_columns=False,
+                        train_sampling_strategy="sequential")
+    plain = PlainKDTrainer(model=AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32), args=args,
+                           train_dataset=DistillDataset(cache, BATCH, seed=0), data_collator=DistillCollator())
+    plain.train()
+    a, b = ([e for e in t.state.log_history if "loss" in e] for t in (ours, plain))
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= TOL and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
 def test_mismatched_settings_are_one_line_errors(caches, tiny_tokenizer_dir, tmp_path):
     student = save_tiny_teacher(tmp_path / "student", "llama", tiny_tokenizer_dir, seed=3)
     with pytest.raises(UserError, match="does not match per_device_train_batch_size=4"):
@@ -173,3 +205,36 @@ def test_mismatched_settings_are_one_line_errors(caches, tiny_tokenizer_dir, tmp
                    lr_scheduler_kwargs={})
     with pytest.raises(UserError, match="too few"):
         DistillDataset(caches["train"], 10_000)
+
+
+# ---------------------------------------------------------------------------------------------
+# two gloo ranks, started like torchrun: the same parity under DDP
+
+
+def _hf_rank(rank: int, world: int, port: int, student: str, cache: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    trainer = hf_trainer(Path(student), Path(cache), Path(out), LossConfig(alpha_ce=0.5), max_steps=DDP_STEPS,
+                         per_device_train_batch_size=2)
+    trainer.train()
+    if rank == 0:
+        Path(out, "log.json").write_text(json.dumps(trainer.state.log_history))
+
+
+@pytest.mark.slow
+def test_hf_trainer_matches_trainer_distill_under_ddp(request, tmp_path):
+    from test_ddp import _free_port, _run_ddp
+
+    cache, student = cache_and_student("sequences", request, tmp_path)
+    _run_ddp(["distill", "--student", student, "--cache", cache, "--out", tmp_path / "ours", "--steps", DDP_STEPS,
+              "--batch-size", 2, "--grad-accum", ACCUM, "--lr", LR, "--warmup", WARMUP, "--min-lr-ratio", MIN_LR,
+              "--alpha-ce", 0.5, "--log-every", 1, "--save-every", 0, "--device", "cpu", "--no-progress"],
+             tmp_path / "rec")
+    ours = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+    mp.spawn(_hf_rank, args=(2, _free_port(), str(student), str(cache), str(tmp_path / "hf")), nprocs=2, join=True)
+    hf = [e for e in json.loads((tmp_path / "hf" / "log.json").read_text()) if "loss" in e]
+    assert len(ours) == len(hf) == DDP_STEPS
+    for a, b in zip(ours, hf):
+        assert abs(a["loss"] - b["loss"]) <= TOL and abs(a["kd"] - b["kd"]) <= TOL, (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
