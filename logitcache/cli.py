@@ -20,8 +20,8 @@ COMMANDS = {
     "repair": "move a cache's bad shards aside, unlist them, and print the produce command that re-creates them",
     "push": "upload a cache to a URL (s3://, hf://, file://): resumable, verified, manifest last",
     "pull": "download a cache from a URL into a folder, verifying every shard",
-    "import": "import another trainer's distillation dataset (axolotl KD) as a cache",
-    "export": "export a top-k cache as another trainer's distillation dataset (axolotl KD)",
+    "import": "import another trainer's distillation dataset (axolotl KD, DistillKit captures) as a cache",
+    "export": "export a top-k cache as another trainer's distillation dataset (axolotl KD, DistillKit)",
 }
 # Subcommands whose module has another name: `import` is a Python keyword, so commands/import_cache.py.
 MODULES = {"import": "import_cache", "export": "export_cache"}

@@ -102,8 +102,14 @@ class EncodingSpec(Fields):
 
 @dataclass(frozen=True)
 class ProducerInfo(Fields):
+    """What wrote the cache. `source` (imports only) records what was read: the other tool's format,
+    layout and settings, what became of its rows, and what it could not tell (docs/interop.md)."""
+
     backend: str | None = kind_field("str?")
     versions: dict = kind_field("dict")
+    source: dict | None = kind_field("dict?")
+
+    _omit_when_none = ("source",)
 
 
 @dataclass(frozen=True)

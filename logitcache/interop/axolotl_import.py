@@ -25,26 +25,27 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pyarrow
 
-from logitcache import __version__
 from logitcache import format as fmt
-from logitcache.backends.teacher import load_tokenizer
-from logitcache.backends.vllm import tail_from_topk
-from logitcache.data.tokenizer import tokenizer_fingerprint
-from logitcache.encodings.bytes import RANK_TABLE_MAX, pack_rank_order
 from logitcache.errors import SettingError, UserError
 from logitcache.format.manifest import Manifest
 from logitcache.interop.axolotl import LOGPROBS_FIELD
 from logitcache.interop.axolotl_read import Expect, Rows, check_rows, count_rows, iter_tables, source_files
-from logitcache.interop.staging import discard, publish, staging_dir
+from logitcache.interop.import_common import (
+    check_out,
+    fitted_encoding,
+    topk_arrays,
+    unknown_teacher,
+    versions,
+    vocabulary,
+    write_staged,
+)
 from logitcache.producer.header import make_encoding
 from logitcache.producer.writer import CacheWriter
 
 LOG = logging.getLogger(__name__)
 
 BACKEND = "import:axolotl"
-UNKNOWN = "unknown"
 _OPTIONAL = ("labels", "attention_mask", "target_mask")
 
 
@@ -83,46 +84,9 @@ class Scan:
 
 def payload(rows: Rows, vocab: int) -> dict[str, np.ndarray]:
     """`CacheWriter.write_shard` arrays for checked rows; `vocab` is the usable vocabulary."""
-    inp, ids, lp64 = rows.input_ids, rows.topk_ids, rows.topk_logprobs
-    tail = tail_from_topk(lp64, vocab)
-    lps = lp64.astype(np.float32)
-    hit = ids == inp[:, 1:, None]
-    # the next token's log-prob when the top-k holds it; otherwise it is below the last top-k value
-    # and below the whole tail, so the smaller of the two bounds it
-    bound = np.minimum(lps[..., -1], tail)
-    target = np.where(hit.any(-1), np.where(hit, lps, -np.inf).max(-1), bound).astype(np.float32)
-    return {"input_ids": inp, "target_logprob": target, "topk_ids": ids, "topk_logprobs": lps,
+    lps, tail, target = topk_arrays(rows.input_ids[:, 1:], rows.topk_ids, rows.topk_logprobs, vocab)
+    return {"input_ids": rows.input_ids, "target_logprob": target, "topk_ids": rows.topk_ids, "topk_logprobs": lps,
             "tail_logmass": tail}
-
-
-def _vocabulary(vocab_size: int | None, tokenizer: str | os.PathLike | None) -> tuple[int, int, dict]:
-    """(logit width, usable vocabulary, the manifest's tokenizer entry) from --vocab-size / --tokenizer."""
-    if vocab_size is None and tokenizer is None:
-        raise SettingError("vocab_size", None, "give the vocabulary (or --tokenizer PATH): every id read is checked "
-                           "against it")
-    if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
-        raise SettingError("vocab_size", vocab_size, "must be a positive integer")
-    if tokenizer is None:
-        return vocab_size, vocab_size, {"fingerprint": UNKNOWN, "vocab_size": vocab_size, "eos_token_id": None}
-    tok = load_tokenizer(tokenizer)
-    n = len(tok)
-    if vocab_size is not None and n > vocab_size:
-        raise SettingError("vocab_size", vocab_size, f"the tokenizer {tokenizer} has {n} tokens, more than that")
-    width = vocab_size if vocab_size is not None else n
-    return width, min(width, n), {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": n,
-                                  "eos_token_id": tok.eos_token_id}
-
-
-def fitted_encoding(enc, counts: np.ndarray, vocab: int) -> dict:
-    """The manifest's encoding entry. An encoding with a rank table gets the one `enc.fit(tokens)` would
-    compute (ids by descending count, ties by id: encodings.bytes.fit_rank_order), built from token
-    counts so the windows never have to be in memory at once."""
-    if not hasattr(enc, "fit"):
-        return {"name": enc.name, "params": enc.params()}
-    params = dict(enc.fit(np.zeros(0, dtype=np.int64), vocab))
-    seen = int((counts > 0).sum())
-    params["rank_table"] = pack_rank_order(np.argsort(-counts, kind="stable")[:min(seen, RANK_TABLE_MAX)])
-    return {"name": enc.name, "params": params}
 
 
 class _Source:
@@ -176,18 +140,12 @@ def build_header(source: _Source, scan: Scan, *, width: int, usable: int, tok: d
     """The manifest before any shard. The teacher is unknown, so its `weights_fingerprint` is a sha256
     of the imported top-k instead: the key still changes with the content (docs/interop.md)."""
     N, k = source.expect.tokens, source.expect.k
-    teacher = {"name_or_path": teacher_name or UNKNOWN, "revision": None, "architecture": None, "dtype": None,
-               "num_parameters": None, "config_sha256": None,
-               "weights_fingerprint": f"imported-topk-sha256:{scan.content()}",
-               "vocab_size": width, "max_position_embeddings": None}
-    if usable < width:
-        teacher["usable_vocab_size"] = usable
+    teacher = unknown_teacher(teacher_name, scan.content(), width, usable)
     data = {"source": f"axolotl:{source.src}", "text_column": None, "fingerprint": scan.windows.hexdigest(),
             "seq_len": N - 1, "num_windows": scan.rows, "num_tokens": scan.rows * (N - 1)}
     return Manifest.header(key=fmt.cache_key(teacher, tok, data, k, encoding), k=k, rows_per_shard=rows_per_shard,
                            num_shards=-(-scan.rows // rows_per_shard), teacher=teacher, tokenizer=tok, data=data,
-                           encoding=encoding, producer={"backend": BACKEND, "versions": {
-                               "logitcache": __version__, "numpy": np.__version__, "pyarrow": pyarrow.__version__}})
+                           encoding=encoding, producer={"backend": BACKEND, "versions": versions()})
 
 
 class _ShardFiller:
@@ -212,14 +170,6 @@ class _ShardFiller:
             self.shard += 1
 
 
-def _staged_key(staging: Path) -> str | None:
-    """The key of an earlier import's working folder; None when it holds no readable manifest."""
-    try:
-        return Manifest.load(staging).key
-    except UserError:
-        return None
-
-
 def import_axolotl(src: str | os.PathLike, out: str | os.PathLike, *, vocab_size: int | None = None,
                    tokenizer: str | os.PathLike | None = None, teacher_name: str | None = None,
                    logprobs_field: str = LOGPROBS_FIELD, encoding: str = "compact",
@@ -231,11 +181,8 @@ def import_axolotl(src: str | os.PathLike, out: str | os.PathLike, *, vocab_size
     out = Path(out)
     if rows_per_shard < 1:
         raise SettingError("rows_per_shard", rows_per_shard, "must be >= 1")
-    if out.exists() and not (out / fmt.MANIFEST_NAME).is_file():
-        raise UserError(f"{out}: already exists and is not a cache; import writes a new folder")
-    if not out.parent.is_dir():
-        raise UserError(f"{out.parent}: no such folder")
-    width, usable, tok = _vocabulary(vocab_size, tokenizer)
+    check_out(out)
+    width, usable, tok = vocabulary(vocab_size, tokenizer)
     enc = make_encoding(encoding, encoding_params)
     if enc.payload != fmt.PAYLOAD_TOPK:
         raise SettingError("encoding", encoding, "stores draws (a samples payload); an axolotl dataset holds top-k "
@@ -245,29 +192,13 @@ def import_axolotl(src: str | os.PathLike, out: str | os.PathLike, *, vocab_size
     _warn_if_shifted(first, first.rows * (source.expect.tokens - 1), source.src)
     header = build_header(source, first, width=width, usable=usable, tok=tok, teacher_name=teacher_name,
                           encoding=fitted_encoding(enc, first.counts, width), rows_per_shard=rows_per_shard)
-    if out.exists():
-        existing = Manifest.load(out)
-        if existing.key == header.key and existing.complete:
-            LOG.info("%s: already holds this import (key %s)", out, header.key[:16])
-            return existing
-        raise UserError(f"{out}: already holds another cache (key {existing.key[:16]}); import writes a new folder")
-    staging = staging_dir(out, "importing")
-    if staging.exists() and _staged_key(staging) != header.key:
-        LOG.info("%s: left by an import of other data; starting over", staging)
-        discard(staging)
-    writer = CacheWriter(staging, header)
-    filler = _ShardFiller(writer, header, usable)
-    try:
-        second = source.scan(progress, f"import {out.name}", each=filler)
+
+    def fill(writer: CacheWriter) -> None:
+        second = source.scan(progress, f"import {out.name}", each=_ShardFiller(writer, header, usable))
         if (second.windows.hexdigest(), second.content()) != (first.windows.hexdigest(), first.content()):
             raise UserError(f"{src}: changed while it was imported; run the import again")
-    except UserError:
-        discard(staging)    # the input is not what was checked: nothing of it is kept
-        raise
-    manifest = writer.finish()
-    if not manifest.complete:    # cannot happen unless shards vanished under us; never publish a partial cache
-        raise UserError(f"{staging}: incomplete after the import; run it again")
-    publish(staging, out)
+
+    manifest = write_staged(out, header, fill)
     LOG.info("%s: %d windows of %d tokens, top-%d, from %s (%s)", out, first.rows, source.expect.tokens - 1,
              source.expect.k, source.src, header.encoding.name)
-    return Manifest.load(out)
+    return manifest

@@ -16,10 +16,10 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from logitcache.errors import UserError
+from logitcache.interop.row_checks import RowChecks, is_list
 
 IGNORE_INDEX = -100
 # Positive log-probs up to this are float rounding of a log-prob of 0 (renormalised in float32, say)
@@ -31,10 +31,6 @@ _SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 # A batch holds about this much input (Parquet's uncompressed bytes, or JSON text): a few such batches of
 # numpy arrays at a time, whatever seq_len and k are.
 BATCH_BYTES = 32 << 20
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
 def source_files(src: str | Path) -> list[Path]:
@@ -150,39 +146,19 @@ class Rows:
     topk_logprobs: np.ndarray
 
 
-class _Checker:
+class _Checker(RowChecks):
     """The checks of one batch; `where` is the file, rows are numbered within it from `first`."""
 
     def __init__(self, table: pa.Table, where: Path, first: int, expect: Expect):
-        self.table, self.where, self.first, self.expect = table, where, first, expect
-        self.n = table.num_rows
-
-    def fail(self, what: str, row: int | None = None, position: int | None = None) -> UserError:
-        at = "" if row is None else f" row {self.first + row}" + ("" if position is None else f" position {position}")
-        return UserError(f"{self.where}{at}: {what}")
-
-    def lists(self, col: pa.Array, name: str) -> tuple[np.ndarray, pa.Array]:
-        """Per-row list lengths and the flattened values of a list column without nulls."""
-        if not _is_list(col.type):
-            raise self.fail(f"column {name} holds {col.type}, not lists")
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise self.fail(f"{name} is missing (null)", row)
-        return pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64), col.flatten()
+        super().__init__(table, where, first)
+        self.expect = expect
 
     def numbers(self, values: pa.Array, name: str, integer: bool) -> np.ndarray:
         t = values.type
         if pa.types.is_struct(t) or pa.types.is_map(t):
             raise self.fail(f"{name} holds {t}; only numbers are read (axolotl's legacy "
                             "{token, logprob} entries need its chat_template strategy, not this import)")
-        if not (pa.types.is_integer(t) or (not integer and pa.types.is_floating(t))):
-            raise self.fail(f"{name} holds {t}, not {'integer ids' if integer else 'numbers'}")
-        if values.null_count:
-            raise self.fail(f"{name} holds null entries")
-        return values.to_numpy(zero_copy_only=False)
-
-    def column(self, name: str) -> pa.Array | None:
-        return self.table.column(name).combine_chunks() if name in self.table.column_names else None
+        return super().numbers(values, name, integer, integers="integer ids")
 
     def tokens(self) -> np.ndarray:
         lengths, values = self.lists(self.column("input_ids"), "input_ids")
@@ -219,7 +195,7 @@ class _Checker:
             r = int(bad[0])
             raise self.fail(f"{name} has {lengths[r]} positions, input_ids has {N} tokens; axolotl keeps one "
                             "target list per input token", r)
-        inner_lengths, values = self.lists(inner, name) if _is_list(inner.type) else (None, None)
+        inner_lengths, values = self.lists(inner, name) if is_list(inner.type) else (None, None)
         if inner_lengths is None:
             raise self.fail(f"column {name} holds lists of {inner.type}, not lists of lists (one per position)")
         L = inner_lengths.reshape(self.n, N)[:, :N - 1]
