@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.errors import UserError
+from trainer.tracking import REPORT_TO
+from trainer.tracking import require as require_tracker
 
 RUN_CONFIG_NAME = "run_config.json"
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "sampled")   # sampled: for sampled caches only
@@ -44,6 +46,7 @@ class TrainConfig:
     device: str = "auto"           # auto, cpu, cuda, cuda:N
     workers: int = 0               # DataLoader worker processes feeding batches
     progress: bool = True          # tqdm bar on rank 0
+    report_to: str = "none"        # none, tensorboard, wandb (trainer.tracking); metrics.jsonl always
 
     def validate(self) -> None:
         checks = [
@@ -60,6 +63,7 @@ class TrainConfig:
             (self.log_every >= 1, "--log-every must be >= 1"),
             (0 <= self.stop_at, "--stop-at must be >= 0"),
             (self.workers >= 0, "--workers must be >= 0"),
+            (self.report_to in REPORT_TO, f"--report-to must be one of {', '.join(REPORT_TO)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -170,7 +174,7 @@ def _build(cls, d: Any, where: str, **extra):
 RESUMABLE_CHANGES = {
     "train.device", "train.workers", "train.progress", "train.log_every", "train.eval_every",
     "train.eval_windows", "train.eval_batch_size", "train.save_every", "train.stop_at",
-    "eval_data", "eval_cache", "work", "save_dtype", "out",
+    "eval_data", "eval_cache", "work", "save_dtype", "out", "train.report_to",
 }
 
 
@@ -240,6 +244,10 @@ def add_train_arguments(p) -> None:
     g.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the final checkpoint's weights (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO,
+                   help="also send the metrics to TensorBoard (OUT/tensorboard) or Weights & Biases (files in "
+                        "OUT/wandb; WANDB_MODE=offline needs no network); OUT/metrics.jsonl is always written "
+                        "(default %(default)s)")
 
 
 def train_config_from_args(args) -> TrainConfig:
@@ -248,6 +256,8 @@ def train_config_from_args(args) -> TrainConfig:
                       clip=args.clip, seed=args.seed, eval_every=args.eval_every,
                       eval_windows=args.eval_windows, eval_batch_size=args.eval_batch_size,
                       save_every=args.save_every, log_every=args.log_every, stop_at=args.stop_at,
-                      device=args.device, workers=args.workers, progress=not args.no_progress)
+                      device=args.device, workers=args.workers, progress=not args.no_progress,
+                      report_to=args.report_to)
     cfg.validate()
+    require_tracker(cfg.report_to)      # a missing library is refused before anything is written
     return cfg

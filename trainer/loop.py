@@ -41,6 +41,7 @@ from trainer.checkpoint import find_checkpoint, load_checkpoint, local_rng_tenso
 from trainer.config import RUN_CONFIG_NAME, RunConfig, resume_differences
 from trainer.evaluate import autocast_for
 from trainer.logits import LogitsAt
+from trainer.tracking import Tracker, open_tracker
 
 METRICS_NAME = "metrics.jsonl"
 LossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -103,10 +104,12 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, drop entries past the checkpoint's step (they are redone)."""
+    """Append-only JSONL; on resume, drop entries past the checkpoint's step (they are redone).
+    Each entry also goes to `tracker` (TensorBoard, W&B: trainer.tracking) when there is one."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, tracker: Tracker | None = None):
         self.path = Path(path)
+        self.tracker = tracker
         if resume_step is not None and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
@@ -117,6 +120,12 @@ class MetricsLog:
     def write(self, entry: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(entry)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def _sum_over_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -247,7 +256,8 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
     last_step = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     if env.is_main:
         run.save(out / RUN_CONFIG_NAME)
-    log = MetricsLog(out / METRICS_NAME, start_step if ckpt is not None else None) if env.is_main else None
+    log = MetricsLog(out / METRICS_NAME, start_step if ckpt is not None else None,
+                     open_tracker(cfg.report_to, out, run.to_dict(), resumed=ckpt is not None)) if env.is_main else None
 
     # DDP wraps the forward that runs: the model's logits, at the loss positions only for masked batches
     student = LogitsAt(model, (lambda m: print(m, file=sys.stderr, flush=True)) if env.is_main else None)
@@ -360,6 +370,8 @@ def train(model: nn.Module, *, run: RunConfig, env: DistEnv, source, loss_fn: Lo
             window_steps, t_window, wait_window, paused = 0, time.perf_counter(), 0.0, 0.0
 
     bar.close()
+    if log is not None:
+        log.close()
     if hasattr(loader, "close"):
         loader.close()          # stop DataLoader workers now, not at garbage collection
     del loader

@@ -106,6 +106,9 @@ def distill_compute_loss(model: nn.Module, inputs: dict[str, torch.Tensor], loss
     `n_tokens`, ...) of trainer.losses.batch_distill_loss.
     """
     cfg = loss or LossConfig()
+    if "document_ids" in inputs:    # packed rows need attention kept inside each document, not wired here yet
+        raise UserError("distill_compute_loss: batches of packed rows (document_ids) are not supported in the "
+                        "Trainer yet; use trainer distill for packed caches")
     core = unwrap(model)
     index, loss_batch = None, inputs
     mask = inputs.get("loss_mask")
