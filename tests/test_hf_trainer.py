@@ -168,6 +168,23 @@ def test_the_step_is_normalised_over_the_whole_accumulated_batch(request, tmp_pa
     assert abs(a["loss"] - b["loss"]) <= TOL and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+def test_resuming_a_checkpoint_continues_with_the_same_batches(caches, tiny_tokenizer_dir, tmp_path):
+    """The Trainer's own resume (skip_first_batches over our sequential order) takes the steps an
+    uninterrupted run takes: the same losses, to the bit, after the checkpoint."""
+    student = save_tiny_teacher(tmp_path / "student", "llama", tiny_tokenizer_dir, seed=3)
+
+    def run(out: Path, resume: str | None = None) -> list[tuple[int, float]]:
+        trainer = hf_trainer(student, caches["train"], out, LossConfig(alpha_ce=0.5), max_steps=6,
+                             save_strategy="steps", save_steps=3)
+        trainer.train(resume_from_checkpoint=resume)
+        return [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "split")
+    resumed = run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoint-3"))
+    assert resumed == full and len(full) == 6
+
+
 class PlainKDTrainer(Trainer):
     """What the README shows for one's own Trainer subclass (or TRL's): only compute_loss changes."""
 
