@@ -11,7 +11,7 @@ import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from logitcache.interop.distillkit_config import CONFIG_FILE, CompressionConfig,
 from logitcache.interop.distillkit_read import RAW, detect_layout, find_config, find_shards, iter_batches
 from logitcache.interop.distillkit_rows import Counts, Expect, RowBatch, Sequences
 from logitcache.interop.import_common import topk_arrays, vocabulary
+
+Wanted = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class Capture:
         if self.total_rows == 0:
             raise UserError(f"{s.src}: no rows")
 
-    def batches(self, counts: Counts, wanted=None) -> Iterator[tuple[Sequences, TopK | None, int]]:
+    def batches(self, counts: Counts, wanted: Wanted | None = None) -> Iterator[tuple[Sequences, TopK | None, int]]:
         """(sequences, their top-k or None when `wanted(first, count)` says no shard needs them, rows read)."""
         seen = 0
         for path, first, table in iter_batches(self.shards, self.layout, self.settings.batch_rows):
@@ -137,7 +139,10 @@ class Capture:
             seen += len(seqs.tokens)
             yield seqs, topk, table.num_rows
 
-    def scan(self, desc: str, each=None, wanted=None) -> Scan:
+    def scan(self, desc: str, each: Callable[[Sequences, TopK | None], None] | None = None,
+             wanted: Wanted | None = None) -> Scan:
+        """One pass over every row: `each(sequences, top-k)` sees each batch; `wanted(first, count)` says
+        whether sequences first..first + count - 1 need decoding (else their top-k is None)."""
         from tqdm import tqdm
 
         found = Scan(self.total_rows, self.width)
