@@ -148,6 +148,26 @@ def test_collated_conversations_are_the_readers_batch_with_labels_masked(chat_ca
     assert (got["labels"][~mask] == IGNORE_INDEX).all() and got["shift_labels"] is got["labels"]
 
 
+def test_the_head_runs_at_the_loss_positions_only_with_the_full_heads_values(request, tmp_path):
+    """On conversations the logits are [n loss positions, V], through the model's own forward (a hook
+    on its LM head), and the loss and its gradient are those of the head at every position."""
+    cache, student = cache_and_student("sequences", request, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    ds = DistillDataset(cache, 4, world_size=1)
+    batch = DistillCollator()([ds[p] for p in range(4)])
+    results = []
+    for at in (True, False):
+        model.zero_grad()
+        value, out = distill_compute_loss(model, batch, LossConfig(alpha_ce=0.3), vocab=ds.vocab_size,
+                                          head_at_loss_positions=at, return_outputs=True)
+        value.backward()
+        results.append((out["logits"].shape[:-1], float(value.detach()), model.lm_head.weight.grad.clone()))
+    (shape_at, loss_at, grad_at), (shape_all, loss_all, grad_all) = results
+    assert tuple(shape_at) == (int(batch["loss_mask"].sum()),) and tuple(shape_all) == tuple(batch["labels"].shape)
+    assert model.lm_head._forward_pre_hooks == {}                   # the hook lives for one forward only
+    assert abs(loss_at - loss_all) <= 1e-6 and torch.allclose(grad_at, grad_all, rtol=1e-5, atol=1e-8)
+
+
 def test_the_step_is_normalised_over_the_whole_accumulated_batch(request, tmp_path):
     """4 conversations as one micro-batch or as 2 x 2 with accumulation: one step, the same loss and
     gradient (the micro-batches carry different numbers of loss tokens, where a mean of means differs)."""
