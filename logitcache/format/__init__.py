@@ -29,11 +29,13 @@ from logitcache.format.manifest import (
     TeacherInfo,
     TokenizerInfo,
     expected_rows,
+    format_version_of,
     load_manifest,
     parse_manifest,
 )
 from logitcache.format.schema import (
     BASE_COLUMNS,
+    COL_DOC_LENGTHS,
     COL_INPUT_IDS,
     COL_LOSS_POSITIONS,
     COL_TARGET_LOGPROB,
@@ -42,6 +44,7 @@ from logitcache.format.schema import (
     SHARD_PATTERN,
     base_schema,
     open_shard_fd,
+    packed_row_problem,
     shard_name,
     shard_path,
 )
@@ -59,6 +62,8 @@ __all__ = [
     "FORMAT_VERSION", "MANIFEST_FIELDS", "MANIFEST_NAME", "PAYLOAD_SAMPLES", "PAYLOAD_TOPK", "PAYLOADS", "DataInfo",
     "EncodingSpec", "Manifest", "ProducerInfo", "ShardEntry", "TeacherInfo", "TokenizerInfo", "expected_rows",
     "load_manifest", "manifest_bytes", "manifest_checksum_problem", "parse_manifest", "write_manifest",
-    "BASE_COLUMNS", "COL_INPUT_IDS", "COL_LOSS_POSITIONS", "LAYOUT_SEQUENCES", "LAYOUT_WINDOWS", "COL_TARGET_LOGPROB",
-    "COL_WINDOW_ID", "SHARD_PATTERN", "base_schema", "open_shard_fd", "shard_name", "shard_path",
+    "BASE_COLUMNS", "COL_DOC_LENGTHS", "format_version_of",
+    "COL_INPUT_IDS", "COL_LOSS_POSITIONS", "LAYOUT_SEQUENCES", "LAYOUT_WINDOWS", "COL_TARGET_LOGPROB",
+    "COL_WINDOW_ID", "SHARD_PATTERN", "base_schema", "open_shard_fd", "packed_row_problem",
+    "shard_name", "shard_path",
 ]

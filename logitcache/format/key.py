@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from logitcache.format.manifest import FORMAT_VERSION, LAYOUT_SEQUENCES, WINDOWS_FORMAT_VERSION
+from logitcache.format.manifest import LAYOUT_SEQUENCES, format_version_of
 
 
 def canonical_json(obj: Any) -> str:
@@ -24,7 +24,7 @@ def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict
     changes every value), so the keys of unpadded teachers' caches are what they always were.
     """
     identity = {
-        "format_version": FORMAT_VERSION if data.get("layout") == LAYOUT_SEQUENCES else WINDOWS_FORMAT_VERSION,
+        "format_version": format_version_of(data),
         "teacher": {f: teacher.get(f) for f in ("name_or_path", "revision", "config_sha256",
                                                  "weights_fingerprint", "dtype")},
         "tokenizer": tokenizer["fingerprint"],
@@ -35,6 +35,8 @@ def cache_key(teacher: dict, tokenizer: dict, data: dict, k: int, encoding: dict
     }
     if data.get("layout") == LAYOUT_SEQUENCES:    # how the rows were made (template, masks policy)
         identity["chat"] = data.get("chat")
+    if data.get("packing") is not None:           # rows grouping several documents (and how)
+        identity["packing"] = data["packing"]
     usable = teacher.get("usable_vocab_size")
     if usable is not None and usable != teacher.get("vocab_size"):
         identity["teacher"]["usable_vocab_size"] = usable

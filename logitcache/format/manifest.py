@@ -16,9 +16,13 @@ from logitcache.format.schema import MANIFEST_NAME, SHARD_PATTERN
 from logitcache.format.seal import write_manifest
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 2          # the newest major version read and written; readers MUST reject a newer one
+FORMAT_VERSION = 3          # the newest major version read and written; readers MUST reject a newer one
 FORMAT_MINOR_VERSION = 1    # minor: additive fields only; 1.0 manifests have no `payload`
 WINDOWS_FORMAT_VERSION = 1  # fixed-window caches are still written as 1.x, so 1.x readers open them
+SEQUENCES_FORMAT_VERSION = 2  # rows of one sequence each are still written as 2.x, so 2.x readers open them
+# Rows packing several documents are 3.x: a 2.x reader would ignore their boundaries (unknown fields
+# are ignored) and let attention cross them, so it must refuse them instead.
+PACKED_FORMAT_VERSION = 3
 
 LAYOUT_WINDOWS = "windows"      # every row a window of seq_len positions, every position stored
 LAYOUT_SEQUENCES = "sequences"  # rows of their own length (2.x); only loss positions stored
@@ -84,12 +88,26 @@ class DataInfo(Fields):
     layout: str | None = kind_field("str?")
     loss_tokens: int | None = kind_field("count?")
     chat: dict | None = kind_field("dict?")
+    packing: dict | None = kind_field("dict?")
+    """Packed rows (3.x): how documents were grouped into rows (`method`, `max_tokens`, `documents`)."""
 
-    _omit_when_none = ("layout", "loss_tokens", "chat")
+    _omit_when_none = ("layout", "loss_tokens", "chat", "packing")
 
     @property
     def sequences(self) -> bool:
         return self.layout == LAYOUT_SEQUENCES
+
+    @property
+    def packed(self) -> bool:
+        """Rows hold several documents each, with their boundaries (`doc_lengths`)."""
+        return self.packing is not None
+
+
+def format_version_of(data: dict) -> int:
+    """The major version a cache of this `data` record is written as: the oldest that reads it."""
+    if data.get("packing") is not None:
+        return PACKED_FORMAT_VERSION
+    return SEQUENCES_FORMAT_VERSION if data.get("layout") == LAYOUT_SEQUENCES else WINDOWS_FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -188,6 +206,11 @@ class Manifest(Fields):
         return self.data.sequences
 
     @property
+    def packed(self) -> bool:
+        """Sequences rows holding several documents each (`doc_lengths`; format 3)."""
+        return self.data.packed
+
+    @property
     def num_windows(self) -> int:
         """Windows planned (all of the data's windows)."""
         return self.data.num_windows
@@ -251,7 +274,8 @@ class Manifest(Fields):
         if version > FORMAT_VERSION:
             raise UserError(f"{where}: format_version {version} is newer than this reader supports "
                             f"({FORMAT_VERSION}); upgrade logitcache")
-        _require(version in (WINDOWS_FORMAT_VERSION, FORMAT_VERSION), where, f"unsupported format_version {version}")
+        _require(version in (WINDOWS_FORMAT_VERSION, SEQUENCES_FORMAT_VERSION, PACKED_FORMAT_VERSION), where,
+                 f"unsupported format_version {version}")
         minor = m.get("format_minor_version", 0)
         _require(is_count(minor), where, "format_minor_version must be a count")
         for name in ("key", "teacher", "tokenizer", "data", "k", "encoding", "producer", "shards",
@@ -270,8 +294,13 @@ class Manifest(Fields):
         _require(isinstance(m["complete"], bool), where, "complete must be true or false")
         layout = data.get("layout") or LAYOUT_WINDOWS
         _require(layout in LAYOUTS, where, f"data.layout {layout!r:.40} is not one of {', '.join(LAYOUTS)}")
-        _require((layout == LAYOUT_SEQUENCES) == (version >= 2), where,
+        _require((layout == LAYOUT_SEQUENCES) == (version >= SEQUENCES_FORMAT_VERSION), where,
                  f"data.layout {layout} needs format_version {2 if layout == LAYOUT_SEQUENCES else 1}")
+        packing = data.get("packing")
+        _require(packing is None or (isinstance(packing, dict) and layout == LAYOUT_SEQUENCES), where,
+                 "data.packing must be an object, of a sequences cache")
+        _require((packing is not None) == (version == PACKED_FORMAT_VERSION), where,
+                 "data.packing and format_version 3 go together")
         payload = m.get("payload", payload_of_encoding(m["encoding"]["name"]))
         _require(payload in PAYLOADS, where, f"payload {payload!r:.40} is not one of {', '.join(PAYLOADS)}")
         _require(isinstance(m["shards"], list), where, "shards must be a list")
@@ -322,8 +351,7 @@ class Manifest(Fields):
     def header(cls, *, key: str, k: int, rows_per_shard: int, num_shards: int, teacher: dict, tokenizer: dict,
                data: dict, encoding: dict, producer: dict, payload: str = PAYLOAD_TOPK) -> "Manifest":
         """A manifest with no shards yet, from the producer's descriptions (validated as if read)."""
-        version = FORMAT_VERSION if data.get("layout") == LAYOUT_SEQUENCES else WINDOWS_FORMAT_VERSION
-        return cls.from_dict({"format": FORMAT_NAME, "format_version": version,
+        return cls.from_dict({"format": FORMAT_NAME, "format_version": format_version_of(data),
                               "format_minor_version": FORMAT_MINOR_VERSION, "key": key, "k": k,
                               "payload": payload, "rows_per_shard": rows_per_shard, "num_shards": num_shards,
                               "teacher": teacher, "tokenizer": tokenizer, "data": data, "encoding": encoding,
