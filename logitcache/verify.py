@@ -33,7 +33,7 @@ def verify_cache(path: str | os.PathLike) -> list[tuple[str, str]]:
     try:
         m = Manifest.load(path)
         enc = get_encoding(m.encoding.name, m.encoding.params)
-        reader_schema = pa.schema(fmt.base_schema(m.sequences) + enc.arrow_fields(m.k, m.seq_len))
+        reader_schema = pa.schema(fmt.base_schema(m.sequences, m.packed) + enc.arrow_fields(m.k, m.seq_len))
     except (UserError, TypeError) as exc:
         return [(fmt.MANIFEST_NAME, str(exc))]
     problems: list[tuple[str, str]] = []

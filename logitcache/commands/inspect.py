@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         ("seq_len", _fmt(info["seq_len"])),
         ("data", _fmt(info["data_source"])),
         ("windows", f"{_fmt(info['windows'])} of {_fmt(info['planned_windows'])}"),
+        *((("packing", f"{_fmt(p.get('documents'))} sequences in {_fmt(info['planned_windows'])} rows of at most "
+                       f"{_fmt(p.get('max_tokens'))} tokens"),) if (p := info.get("packing")) else ()),
         ("tokens", _fmt(info["tokens"])),
         ("shards", f"{_fmt(info['shards'])} of {_fmt(info['planned_shards'])}"),
         ("complete", _fmt(info["complete"])),

@@ -24,7 +24,9 @@ windows: each conversation is rendered with the teacher tokenizer's chat templat
 --chat-template) and is one row, and the teacher's top-k (or draws) are stored only at the
 positions whose next token is a training target (--train-on). A conversation longer than
 --seq-len + 1 tokens is dropped, cut or split (--truncation). What was read, skipped, dropped or cut,
-and the share of positions stored, is reported on stderr.
+and the share of positions stored, is reported on stderr. --packing puts several conversations in
+one row (each still computed alone; their boundaries are stored and the trainer keeps attention
+and positions inside each).
 """
 
 from __future__ import annotations
@@ -89,6 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     chat.add_argument("--truncation", default="drop", choices=TRUNCATIONS,
                       help="a conversation longer than --seq-len + 1 tokens: drop it (default, counted), cut "
                            "it to that length (right), or split it into pieces of at most that length")
+    chat.add_argument("--packing", action="store_true",
+                      help="pack consecutive conversations (or --format text documents) into rows of at most "
+                           "--seq-len + 1 tokens, their boundaries recorded: fewer padded positions for the "
+                           "student. Each is still computed alone; the trainer restarts positions and keeps "
+                           "attention inside each (format 3, docs/FORMAT.md)")
     chat.add_argument("--strict", action="store_true",
                       help="a conversation with no assistant turn to train on is an error (default: skipped "
                            "and counted)")
@@ -173,7 +180,7 @@ def config_from_args(args: argparse.Namespace) -> ProduceConfig:
         backend_options={key: v for key, v in backend_options.items() if v is not None},
         engine=args.engine, engine_options=_engine_options(args), progress=not args.no_progress,
         format=args.format, chat_template=args.chat_template, train_on=args.train_on, truncation=args.truncation,
-        strict=args.strict)
+        strict=args.strict, packing=args.packing)
 
 
 def run(args: argparse.Namespace) -> int:

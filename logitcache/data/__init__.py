@@ -13,6 +13,7 @@ from logitcache.data.corpus import (
            iter_documents,
            resolve_source,
 )
+from logitcache.data.packing import pack_rows, pack_sequences, packed_positions, unpacked
 from logitcache.data.sequences import (
            TRUNCATIONS,
            SequenceCounts,
@@ -46,4 +47,6 @@ __all__ = ["EMBEDDED_SOURCES", "default_data_home", "fetch_shakespeare", "iter_d
            "resolve_template", "template_fingerprint", "iter_chat_rows", "iter_shakespeare_chat",
            # one cache row per conversation
            "TRUNCATIONS", "SequenceCounts", "Sequences", "is_chat_source", "prepare_sequences",
-           "sequences_fingerprint"]
+           "sequences_fingerprint",
+           # several sequences in one row, their boundaries kept
+           "pack_rows", "pack_sequences", "packed_positions", "unpacked"]

@@ -90,6 +90,11 @@ class Sequences:
     """The manifest's `data.chat`: format, template_sha256, train_on, truncation."""
     counts: SequenceCounts = field(default_factory=SequenceCounts)
     path: Path | None = None
+    documents: np.ndarray | None = None
+    """Packed rows (data.packing): the documents' token offsets (D + 1,); each row spans whole ones.
+    None: every row is one document."""
+    packing: dict[str, Any] | None = None
+    """The manifest's `data.packing` when rows are packed (data.packing.pack_sequences), else None."""
 
     @property
     def tokens(self) -> np.ndarray:
@@ -124,6 +129,14 @@ class Sequences:
         """Row i's (input_ids, loss_mask)."""
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[start:end], self.loss_mask[start:end]
+
+    def doc_lengths(self, i: int) -> np.ndarray:
+        """Tokens of each document of row i, in order (one entry, the row's length, when unpacked)."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        if self.documents is None:
+            return np.array([end - start], dtype=np.int64)
+        first, last = np.searchsorted(self.documents, [start, end])
+        return np.diff(self.documents[first:last + 1])
 
     def loss_positions(self, i: int) -> np.ndarray:
         """Row i's loss positions, ascending: p in 0..n-2 with loss_mask[p + 1] (position p predicts token p + 1)."""

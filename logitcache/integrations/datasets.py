@@ -43,7 +43,8 @@ def cache_transform(cache: str | os.PathLike | Manifest) -> Callable[[Any], dict
     except TypeError:
         raise UserError(f"encoding {manifest.encoding.name}: invalid parameters "
                         f"{sorted(manifest.encoding.params)} in the manifest") from None
-    schema = pa.schema(fmt.base_schema(manifest.sequences) + encoding.arrow_fields(manifest.k, manifest.seq_len))
+    schema = pa.schema(fmt.base_schema(manifest.sequences, manifest.packed)
+                       + encoding.arrow_fields(manifest.k, manifest.seq_len))
 
     def transform(batch: Any) -> dict[str, np.ndarray]:
         if isinstance(batch, (pa.Table, pa.RecordBatch)):
@@ -55,6 +56,6 @@ def cache_transform(cache: str | os.PathLike | Manifest) -> Callable[[Any], dict
                                 "(load the shards without selecting or renaming columns)")
             table = pa.Table.from_arrays([pa.array(batch[f.name], type=f.type) for f in schema], schema=schema)
         return decode_rows(table, encoding, manifest.k, manifest.seq_len, f"key {manifest.key[:16]}",
-                           manifest.sequences)
+                           manifest.sequences, manifest.packed)
 
     return transform

@@ -186,6 +186,9 @@ def export_axolotl(cache: str | os.PathLike, out: str | os.PathLike, *, renormal
     if reader.sampled:
         raise UserError(f"{reader.path}: a samples cache (draws and counts, no top-k log-probs) has nothing "
                         "axolotl's KD reads; export a top-k cache")
+    if reader.manifest.packed:   # its rows would carry no boundaries there: attention would cross them
+        raise UserError(f"{reader.path}: packed rows (several conversations a row) have no boundaries in axolotl's "
+                        "rows; export a cache made without --packing (axolotl packs itself)")
     refuse_existing(out, "export")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder")

@@ -76,6 +76,9 @@ class ProduceConfig:
     """A conversation longer than seq_len + 1 tokens: drop it, cut it (right), or split it into pieces."""
     strict: bool = False
     """A conversation with no assistant turn to train on is an error instead of skipped and counted."""
+    packing: bool = False
+    """Chat data: pack consecutive conversations into rows of at most seq_len + 1 tokens, their
+    boundaries recorded (data.packing); each is still computed alone."""
 
     def __post_init__(self) -> None:
         teachers = (self.teachers,) if isinstance(self.teachers, (str, Path)) else tuple(self.teachers)

@@ -50,20 +50,22 @@ def fit_encoding(enc, windows: Windows, vocab_size: int) -> dict:
 
 def build_header(teacher: dict, tokenizer, windows: Windows, k: int, encoding: dict, rows_per_shard: int,
                  text_column: str, backend: str, payload: str = fmt.PAYLOAD_TOPK, *,
-                 loss_tokens: int | None = None, chat: dict | None = None) -> Manifest:
+                 loss_tokens: int | None = None, chat: dict | None = None, packing: dict | None = None) -> Manifest:
     """The cache's manifest before any shard (docs/FORMAT.md), with its key.
 
     `windows` is anything with the fields of `logitcache.data.Windows` (source, fingerprint,
     tokenizer_fingerprint, seq_len, num_windows, num_tokens). Giving `loss_tokens` (and `chat`, how
     the rows were made) makes a `sequences` cache: rows of their own length, only the loss
     positions stored; `num_windows` is then its number of rows and `seq_len` its longest row's
-    positions."""
+    positions. `packing` (data.packing.packing_record) makes those rows packed ones (format 3)."""
     tok = {"fingerprint": windows.tokenizer_fingerprint, "vocab_size": len(tokenizer),
            "eos_token_id": tokenizer.eos_token_id}
     data = {"source": windows.source, "text_column": text_column, "fingerprint": windows.fingerprint,
             "seq_len": windows.seq_len, "num_windows": windows.num_windows, "num_tokens": windows.num_tokens}
     if loss_tokens is not None:
         data.update(layout=fmt.LAYOUT_SEQUENCES, loss_tokens=int(loss_tokens), chat=dict(chat or {}))
+        if packing is not None:
+            data["packing"] = dict(packing)
     teacher = {**{f: teacher[f] for f in ("name_or_path", "revision", "architecture", "dtype", "num_parameters",
                                           "config_sha256", "weights_fingerprint", "vocab_size",
                                           "max_position_embeddings")},

@@ -9,7 +9,8 @@ For each teacher, in order:
    tokenizer share them); for chat data (rows of conversations, `data.sequences.is_chat_source`)
    one sequence per conversation instead, rendered with the teacher tokenizer's chat template (or
    `config.chat_template`), once per tokenizer and template, making a `sequences` cache whose
-   rows store the payload at their loss positions only (producer.sequences);
+   rows store the payload at their loss positions only (producer.sequences); with `config.packing`
+   consecutive conversations share rows (data.packing), each still computed alone;
 3. the header and key (docs/FORMAT.md); the cache folder is `out/<teacher>-k<k>-<key[:16]>`;
 4. shards already listed complete are skipped, so a re-run resumes; with `num_workers` > 1 this
    process takes the shards `i` with `i % num_workers == worker_index`;
@@ -46,6 +47,7 @@ from logitcache.data import (
     Sequences,
     Windows,
     is_chat_source,
+    pack_sequences,
     prepare_sequences,
     prepare_windows,
     resolve_template,
@@ -102,7 +104,7 @@ def produce(config: ProduceConfig) -> list[Path]:
         # 3. Encoding (fitted on this teacher's windows and vocabulary if it needs corpus statistics),
         #    header, key, folder.
         encoding_info = fit_encoding(base_encoding, windows, teacher["vocab_size"])
-        layout = {"loss_tokens": windows.loss_tokens, "chat": windows.chat} if chat else {}
+        layout = {"loss_tokens": windows.loss_tokens, "chat": windows.chat, "packing": windows.packing} if chat else {}
         header = build_header(teacher, tokenizer, windows, values_per_position, encoding_info,
                               config.rows_per_shard, None if chat else config.text_column, backend_name,
                               base_encoding.payload, **layout)
@@ -176,7 +178,8 @@ def _chat_settings(config: ProduceConfig, chat: bool) -> str | None:
     refused, and chat data runs on the local engine only."""
     if not chat:
         given = [(name, getattr(config, name)) for name, default in
-                 (("chat_template", None), ("train_on", "assistant"), ("truncation", "drop"), ("strict", False))
+                 (("chat_template", None), ("train_on", "assistant"), ("truncation", "drop"), ("strict", False),
+                  ("packing", False))
                  if getattr(config, name) != default]
         if given:
             raise SettingError(given[0][0], None if given[0][1] is True else given[0][1],
@@ -204,7 +207,7 @@ def _sequences(memo: dict, tokenizer, config: ProduceConfig, template: str | Non
                                            format=config.format, chat_template=template, train_on=config.train_on,
                                            truncation=config.truncation, strict=config.strict,
                                            max_rows=config.max_windows)
-    return memo[memo_key]
+    return pack_sequences(memo[memo_key]) if config.packing else memo[memo_key]
 
 
 def _windows(memo: dict, tokenizer, config: ProduceConfig) -> Windows:

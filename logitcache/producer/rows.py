@@ -19,8 +19,12 @@ def _lists(values: list[np.ndarray], dtype, arrow_type) -> pa.ListArray:
 
 def sequences_table(schema: pa.Schema, encoding: Encoding, payload: TopK | Samples, input_ids: list[np.ndarray],
                     loss_positions: list[np.ndarray], *, first_row: int, rows: int, seq_len: int, k: int,
-                    token_limit: int | None) -> pa.Table:
+                    token_limit: int | None, doc_lengths: list[np.ndarray] | None = None) -> pa.Table:
     """Check one shard's rows and build its table (see `CacheWriter.write_sequences`).
+
+    `doc_lengths` (a packed cache's, else None) lists each row's documents' tokens: at least 2 each,
+    summing to the row's, and no loss position may be a document's last token (its target would be
+    the next document's first).
 
     The codecs are applied row by row, each row being one of their windows of `len(loss_positions[r])`
     positions, so every encoding works unchanged on rows of any length.
@@ -42,6 +46,9 @@ def sequences_table(schema: pa.Schema, encoding: Encoding, payload: TopK | Sampl
             raise ValueError(f"row {first_row + r}: {n} tokens, expected 2..{seq_len + 1}")
         if len(positions) == 0 or positions[0] < 0 or positions[-1] > n - 2 or np.any(np.diff(positions) <= 0):
             raise ValueError(f"row {first_row + r}: loss positions must be ascending, in 0..{n - 2}, at least one")
+        problem = None if doc_lengths is None else fmt.packed_row_problem(doc_lengths[r], n, positions)
+        if problem:
+            raise ValueError(f"row {first_row + r}: {problem}")
     if np.isnan(payload.target_logprob).any() or (isinstance(payload, TopK) and (
             np.isnan(payload.logprobs).any() or np.isnan(payload.tail_logmass).any())):
         raise ValueError(f"rows {first_row}..: NaN in the payload")
@@ -58,6 +65,7 @@ def sequences_table(schema: pa.Schema, encoding: Encoding, payload: TopK | Sampl
         fmt.COL_TARGET_LOGPROB: _lists([payload.target_logprob[bounds[r]:bounds[r + 1]] for r in range(rows)],
                                        np.float32, pa.float32()),
         fmt.COL_LOSS_POSITIONS: _lists(list(loss_positions), np.int32, pa.int32()),
+        **({fmt.COL_DOC_LENGTHS: _lists(list(doc_lengths), np.int32, pa.int32())} if doc_lengths is not None else {}),
         **{name: pa.concat_arrays(parts) for name, parts in coded.items()},
     }
     return pa.Table.from_arrays([columns[f.name].cast(f.type) if columns[f.name].type != f.type else columns[f.name]

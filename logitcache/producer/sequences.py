@@ -16,6 +16,12 @@ outputs), joined over the shard in row order and handed to `CacheWriter.write_se
 Draws of a samples cache come from `window_uniforms(key, row ids, seq_len, S)` cut to the batch's
 T positions, so a row's draws depend on its id only, never on the rows batched with it.
 
+Packed rows (`Sequences.packing`, data.packing) are computed the same way, one document at a time:
+a shard's rows are expanded into their documents, the documents are batched, padded and run as
+above (draws keyed by the document's index), and their payloads, already in row order, are written
+under the packed rows with each row's `doc_lengths`. The teacher therefore never attends across a
+boundary, and neither backend needs to know about packing (the vLLM backend included).
+
 Claims, the writer thread and progress (in stored positions) are run.py's `run_shard_work`.
 """
 
@@ -25,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from logitcache.data.packing import row_documents, unpacked
 from logitcache.data.sequences import Sequences
 from logitcache.format.payloads import Samples, TopK, concat
 from logitcache.producer.run import run_shard_work
@@ -71,19 +78,27 @@ def run_sequence_shards(model, writer: CacheWriter, sequences: Sequences, todo: 
     """Compute the sequence shards `todo` (see the module doc) and write them as they finish."""
     plan = writer.manifest
     rps, seq_len = plan.rows_per_shard, writer.seq_len
+    documents = unpacked(sequences)
+    packed = sequences.documents is not None
 
     def compute(index: int, advance: Callable[[int], None]) -> Callable[[], object]:
         first, count = index * rps, plan.expected_rows(index)
-        ids = [sequences.row(i)[0] for i in range(first, first + count)]
-        positions = [sequences.loss_positions(i) for i in range(first, first + count)]
+        docs = row_documents(sequences, first, count)
+        ids = [documents.row(j)[0] for j in docs]
+        positions = [documents.loss_positions(j) for j in docs]
         parts = []
-        for s in range(0, count, batch_size):
-            e = min(count, s + batch_size)
+        for s in range(0, len(docs), batch_size):
+            e = min(len(docs), s + batch_size)
             parts.append(run_batch(model, ids[s:e], positions[s:e], sample=sample, key=writer.key,
-                                   row_ids=range(first + s, first + e), seq_len=seq_len))
+                                   row_ids=docs[s:e], seq_len=seq_len))
             advance(sum(len(p) for p in positions[s:e]))
         payload = concat(parts)
-        return lambda: writer.write_sequences(index, input_ids=ids, loss_positions=positions, payload=payload)
+        rows = range(first, first + count)
+        if not packed:
+            return lambda: writer.write_sequences(index, input_ids=ids, loss_positions=positions, payload=payload)
+        return lambda: writer.write_sequences(index, input_ids=[sequences.row(i)[0] for i in rows],
+                                              loss_positions=[sequences.loss_positions(i) for i in rows],
+                                              doc_lengths=[sequences.doc_lengths(i) for i in rows], payload=payload)
 
     total = sum(len(sequences.loss_positions(i)) for index in todo
                 for i in range(index * rps, index * rps + plan.expected_rows(index)))

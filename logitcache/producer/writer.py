@@ -101,7 +101,7 @@ class CacheWriter:
         self.payload = self.manifest.payload
         if self.payload == fmt.PAYLOAD_SAMPLES and self.k != self.encoding.S:
             raise ValueError(f"a samples cache's k must be its S ({self.encoding.S}), not {self.k}")
-        self.schema = pa.schema(fmt.base_schema(self.manifest.sequences)
+        self.schema = pa.schema(fmt.base_schema(self.manifest.sequences, self.manifest.packed)
                                 + self.encoding.arrow_fields(self.k, self.seq_len))
         self._levels: dict[str, int] | None = None     # per-column zstd levels, see _column_levels
 
@@ -214,13 +214,14 @@ class CacheWriter:
         return self._store(index, table, table.num_rows * self.seq_len)
 
     def write_sequences(self, index: int, *, input_ids: list[np.ndarray], loss_positions: list[np.ndarray],
-                        payload: TopK | Samples) -> dict:
+                        payload: TopK | Samples, doc_lengths: list[np.ndarray] | None = None) -> dict:
         """Write shard `index` of a `sequences` cache atomically and list it; return its entry.
 
         `input_ids[r]`: row r's own n_r tokens; `loss_positions[r]`: its positions (ascending, in
         0..n_r-2, at least one) whose target token input_ids[r][p + 1] carries a loss; `payload`:
         the backend's arrays at those positions, flat over the rows in order (TopK: ids and
         log-probs [P, k], tail and target log-probs [P]; Samples: ids and counts [P, S], target [P]).
+        A packed cache (`data.packing`) also takes `doc_lengths[r]`: the tokens of each document of row r.
         """
         if not self.manifest.sequences:
             raise ValueError(f"{self.cache_dir}: a windows cache is written with write_shard")
@@ -229,9 +230,12 @@ class CacheWriter:
         m = self.manifest
         if not (0 <= index < m.num_shards):
             raise ValueError(f"shard index {index} outside 0..{m.num_shards - 1}")
+        if (doc_lengths is not None) != m.packed:
+            raise ValueError(f"{self.cache_dir}: doc_lengths are given exactly for a packed cache")
         table = sequences_table(self.schema, self.encoding, payload, input_ids, loss_positions,
                                 first_row=index * m.rows_per_shard, rows=m.expected_rows(index),
-                                seq_len=self.seq_len, k=self.k, token_limit=m.teacher.token_limit)
+                                seq_len=self.seq_len, k=self.k, token_limit=m.teacher.token_limit,
+                                doc_lengths=doc_lengths)
         return self._store(index, table, sum(len(p) for p in loss_positions))
 
     def _store(self, index: int, table: pa.Table, tokens: int) -> dict:

@@ -23,7 +23,8 @@ def to_tensor(x: np.ndarray, dtype) -> torch.Tensor:
 
 def torch_batch(a: dict[str, np.ndarray]) -> dict:
     """Decoded rows -> the tensors of a batch (see logitcache.read.reader). Rows of a `sequences`
-    cache are cut to the batch's longest row and carry `attention_mask` and `loss_mask` [B, T]."""
+    cache are cut to the batch's longest row and carry `attention_mask` and `loss_mask` [B, T];
+    packed rows also `position_ids` and `document_ids` [B, T] (read.decode)."""
     if "lengths" in a:
         positions = a["lengths"] - 1                                   # (B,) positions of each row
         t = int(positions.max()) if len(positions) else 0
@@ -42,6 +43,9 @@ def torch_batch(a: dict[str, np.ndarray]) -> dict:
     if "lengths" in a:
         out["attention_mask"] = to_tensor(np.arange(win.shape[1] - 1)[None, :] < positions[:, None], np.int64)
         out["loss_mask"] = to_tensor(a["loss_mask"], bool)
+    if "position_ids" in a:
+        out["position_ids"] = to_tensor(a["position_ids"], np.int64)
+        out["document_ids"] = to_tensor(a["document_ids"], np.int64)
     return out
 
 

@@ -7,13 +7,14 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache import format as fmt
+from logitcache.data.packing import packed_positions
 from logitcache.encodings.plain import list_values
 from logitcache.encodings.registry import Encoding
 from logitcache.errors import UserError
 
 
 def decode_rows(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, seq_len: int,
-                where: str, sequences: bool = False) -> dict[str, np.ndarray]:
+                where: str, sequences: bool = False, packed: bool = False) -> dict[str, np.ndarray]:
     """Rows of a shard -> numpy arrays in the stored layout (vectorised, no row loops).
 
     Every cache gives `window_id` [R] int64, `input_ids` [R, T+1] int32 and `target_logprob` [R, T]
@@ -25,9 +26,13 @@ def decode_rows(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, se
     `input_ids` is 0 past the row's `lengths` [R] tokens, `loss_mask` [R, T] marks the stored
     positions, and elsewhere the payload says nothing (ids 0; log-probs -inf and the whole mass in
     the tail; no draws; target log-prob 0).
+
+    A packed cache (`packed`, format 3) adds `position_ids` and `document_ids` [R, T] int64: positions
+    counted from 0 at each document's first token, and each position's document in its row (-1 on the
+    padding, whose position ids start from 0 again); see data.packing.packed_positions.
     """
     if sequences:
-        return _decode_sequences(batch, encoding, k, seq_len, where)
+        return _decode_sequences(batch, encoding, k, seq_len, where, packed)
     T, rows = seq_len, batch.num_rows
     columns = {name: batch.column(name) for name in batch.schema.names}
     try:
@@ -57,7 +62,7 @@ def decode_rows(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, se
 
 
 def _decode_sequences(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: int, seq_len: int,
-                      where: str) -> dict[str, np.ndarray]:
+                      where: str, packed: bool = False) -> dict[str, np.ndarray]:
     T, rows = seq_len, batch.num_rows
     samples = encoding.payload == fmt.PAYLOAD_SAMPLES
     out = {"window_id": np.empty(rows, np.int64), "input_ids": np.zeros((rows, T + 1), np.int32),
@@ -74,6 +79,7 @@ def _decode_sequences(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: i
         tokens = table.column(fmt.COL_INPUT_IDS).to_pylist()
         positions = table.column(fmt.COL_LOSS_POSITIONS).to_pylist()
         targets = table.column(fmt.COL_TARGET_LOGPROB).to_pylist()
+        documents = table.column(fmt.COL_DOC_LENGTHS).to_pylist() if packed else None
         payload_names = [name for name in table.schema.names if name not in fmt.BASE_COLUMNS]
         for r in range(rows):
             n, pos = len(tokens[r]), np.asarray(positions[r], dtype=np.int64)
@@ -81,6 +87,9 @@ def _decode_sequences(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: i
                 raise ValueError(f"row {r}: {n} tokens with loss positions outside 0..{n - 2} or unordered")
             if len(targets[r]) != len(pos):
                 raise ValueError(f"row {r}: {len(targets[r])} target log-probs for {len(pos)} loss positions")
+            problem = None if documents is None else fmt.packed_row_problem(documents[r], n, pos)
+            if problem:
+                raise ValueError(f"row {r}: {problem}")
             out["input_ids"][r, :n] = tokens[r]
             out["lengths"][r] = n
             out["loss_mask"][r, pos] = True
@@ -93,4 +102,6 @@ def _decode_sequences(batch: pa.RecordBatch | pa.Table, encoding: Encoding, k: i
                 out[name][r, pos] = values[0]
     except (KeyError, ValueError, TypeError, pa.ArrowException) as exc:
         raise UserError(f"{where}: malformed shard data ({exc})") from None
+    if documents is not None:
+        out["position_ids"], out["document_ids"] = packed_positions(documents, T)
     return out

@@ -20,6 +20,11 @@ A `samples` payload (`reader.payload == "samples"`; its k is S) gives, instead o
 - `sample_ids`     int64   [B, T, S]  distinct ids among S draws from the teacher's full softmax
 - `sample_counts`  int32   [B, T, S]  how often each was drawn (sum S per position; 0 = padding)
 
+A `sequences` cache's batches are cut to their longest row and add `attention_mask` int64 and
+`loss_mask` bool [B, T]; a packed one (format 3) also `position_ids` int64 [B, T] (from 0 at each
+document's first token) and `document_ids` int64 [B, T] (the document's index in its row, -1 on
+padding): a model must keep attention inside each document (docs/FORMAT.md).
+
 `read_shard(index)` returns the stored layout as numpy instead (`input_ids` is the whole window,
 [rows, T + 1], int32).
 
@@ -96,7 +101,8 @@ class CacheReader:
             if size != e.bytes:
                 raise UserError(f"{self.path / e.name}: {size} bytes, manifest says {e.bytes} "
                                 f"(truncated or replaced); run `logitcache verify {self.path}`")
-        self.schema = pa.schema(fmt.base_schema(m.sequences) + self.encoding.arrow_fields(self.k, self.seq_len))
+        self.schema = pa.schema(fmt.base_schema(m.sequences, m.packed)
+                                + self.encoding.arrow_fields(self.k, self.seq_len))
 
     @property
     def sampled(self) -> bool:
@@ -186,7 +192,7 @@ class CacheReader:
     def decode(self, batch: pa.RecordBatch | pa.Table, where: str = "") -> dict[str, np.ndarray]:
         """Arrow rows of a shard -> numpy arrays in the stored layout (see `read.decode.decode_rows`)."""
         return decode_rows(batch, self.encoding, self.k, self.seq_len, where or str(self.path),
-                           self.manifest.sequences)
+                           self.manifest.sequences, self.manifest.packed)
 
     def read_shard(self, index: int | str) -> dict[str, np.ndarray]:
         """All rows of one shard as numpy, stored layout: window_id [R] int64, input_ids [R, T+1]

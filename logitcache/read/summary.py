@@ -100,6 +100,7 @@ def inspect_cache(path: str | os.PathLike, sample_windows: int = 1024) -> dict:
         "k": reader.k,
         "encoding": m.encoding.name,
         "layout": m.data.layout or fmt.LAYOUT_WINDOWS,
+        "packing": m.data.packing,
         "encoding_params": m.encoding.params,
         "encoding_summary": describe_encoding(reader.encoding),
         "payload": m.payload,
