@@ -11,7 +11,9 @@ Batches are dicts of CPU tensors, the cache reader's convention (B windows, T = 
 - `labels`     int64 [B, T]   the next token at each position (`window[:, 1:]`)
 - `window_id`  int64 [B]
 - rows of their own length (chat data, `sequences` caches) add `attention_mask` int64 [B, T] and
-  `loss_mask` bool [B, T], padded to the batch's longest row
+  `loss_mask` bool [B, T], padded to the batch's longest row; packed rows (several documents a
+  row) add `position_ids` and `document_ids` int64 [B, T] (logitcache.data.packing.packed_positions),
+  which make the model keep attention inside each document (trainer.attention)
 - cache batches add `topk_ids` int64 [B, T, k], `topk_logprobs` float32 [B, T, k],
   `tail_logmass` float32 [B, T] and `target_logprob` float32 [B, T]; a sampled cache gives
   `sample_ids` int64 [B, T, S] and `sample_counts` int32 [B, T, S] instead of the top-k three.
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from logitcache.data.packing import packed_positions
 from logitcache.errors import UserError
 
 
@@ -82,7 +85,8 @@ class SequenceBatches(WindowBatches):
 
     Rows are assigned to ranks and shuffled exactly as `WindowBatches` does with windows. A batch is
     right-padded to its longest row and carries `attention_mask` and `loss_mask` [B, T]: position t
-    carries a loss when token t + 1 is a trained token of its row.
+    carries a loss when token t + 1 is a trained token of its row. Packed sequences
+    (`logitcache.data.pack_sequences`) add `position_ids` and `document_ids` [B, T].
     """
 
     def __init__(self, sequences, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
@@ -94,7 +98,10 @@ class SequenceBatches(WindowBatches):
         return self.sequences.seq_len
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = self.window_ids(index)
+        return self.rows_batch(self.window_ids(index))
+
+    def rows_batch(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of rows `ids` (int64 [B]), right-padded to the longest."""
         rows = [self.sequences.row(int(i)) for i in ids]
         t = max(len(tokens) for tokens, _ in rows) - 1
         window = np.zeros((len(rows), t + 1), np.int64)
@@ -105,8 +112,12 @@ class SequenceBatches(WindowBatches):
             targets[b, :len(tokens)] = mask
             attention[b, :len(tokens) - 1] = 1
         w = torch.from_numpy(window)
-        return {"input_ids": w[:, :-1], "labels": w[:, 1:], "window_id": torch.from_numpy(ids),
-                "attention_mask": torch.from_numpy(attention), "loss_mask": torch.from_numpy(targets[:, 1:])}
+        batch = {"input_ids": w[:, :-1], "labels": w[:, 1:], "window_id": torch.from_numpy(np.asarray(ids, np.int64)),
+                 "attention_mask": torch.from_numpy(attention), "loss_mask": torch.from_numpy(targets[:, 1:])}
+        if self.sequences.documents is not None:
+            pos, doc = packed_positions([self.sequences.doc_lengths(int(i)) for i in ids], t)
+            batch.update(position_ids=torch.from_numpy(pos), document_ids=torch.from_numpy(doc))
+        return batch
 
 
 class CacheBatches:

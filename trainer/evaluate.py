@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.attention import forward_kwargs
 from trainer.losses import distill_loss
 
 
@@ -120,7 +121,8 @@ def evaluate_cache(model, reader, *, batch_size: int = 8, device: torch.device |
 
     Reads the first `max_windows` windows of the cache in window order; under DDP rank r takes
     every world-th batch. A batch with a `loss_mask` is measured at its positions only (`tokens`
-    counts them), and its `attention_mask` / `position_ids` go to the model.
+    counts them), and its `attention_mask` goes to the model; packed rows (`position_ids`) are kept
+    apart as in training (trainer.attention).
     """
     device = torch.device(device)
     rank, world = _rank_world()
@@ -138,9 +140,9 @@ def evaluate_cache(model, reader, *, batch_size: int = 8, device: torch.device |
             if j % world != rank:
                 continue
             b = {k: v[:take].to(device) for k, v in batch.items()}
-            inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids") if k in b}
+            kwargs, unflatten = forward_kwargs(model, b["input_ids"], b.get("attention_mask"), b.get("position_ids"))
             with autocast_for(device):
-                logits = model(**inputs, use_cache=False).logits
+                logits = unflatten(model(**kwargs).logits)
             if vocab is not None and logits.shape[-1] > vocab:
                 logits = logits[..., :vocab]
             n_pos = b["labels"].numel()

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from trainer.attention import forward_kwargs
+
 # Config fields that change the logits after the LM head: a cap (any value) and scales (other than 1).
 LOGIT_CAPS = ("final_logit_softcapping",)
 LOGIT_SCALES = ("logit_scale", "logits_scaling")
@@ -72,7 +74,8 @@ class LogitsAt(nn.Module):
       [n, V], computed as head(body(...)[index]) when the model allows it (`split` True), else as
       the full logits gathered at `index`.
 
-    `attention_mask` and `position_ids` go to the model only when given.
+    `attention_mask` goes to the model when given. `position_ids` mark packed rows (restarting at 0
+    at each document): attention is then kept inside each document (trainer.attention).
     """
 
     def __init__(self, model: nn.Module, note: Callable[[str], None] | None = None):
@@ -86,13 +89,9 @@ class LogitsAt(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
+        kwargs, unflatten = forward_kwargs(self.model, input_ids, attention_mask, position_ids)
         if index is None:
-            return self.model(**kwargs).logits                                          # (B, T, V)
+            return unflatten(self.model(**kwargs).logits)                               # (B, T, V)
         if not self.split:
             if self._note is not None and self._print is not None:
                 self._print(self._note)

@@ -130,6 +130,7 @@ def run(args) -> int:
 
     from logitcache.data import prepare_windows, tokenizer_fingerprint
     from logitcache.read.reader import CacheReader
+    from trainer.attention import check_packing_support
     from trainer.data import CacheBatches, load_causal_lm, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_cache, evaluate_windows
     from trainer.loop import init_distributed, preflight, train
@@ -198,6 +199,8 @@ def run(args) -> int:
 
     model = load_causal_lm(args.student, "--student")
     vocab = logits_vocab(model, tokenizer, "--student", warn)
+    if any(r is not None and r.manifest.packed for r in (reader, eval_reader)):
+        check_packing_support(model, f"--student {args.student}")
     teacher_vocab = reader.teacher.vocab_size
     if isinstance(teacher_vocab, int) and teacher_vocab > vocab:
         warn(f"trainer: note: the teacher has {teacher_vocab} logit columns for a {vocab}-token tokenizer; "

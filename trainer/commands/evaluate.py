@@ -45,6 +45,7 @@ def run(args) -> int:
     from logitcache.data import prepare_windows, tokenizer_fingerprint
     from logitcache.data.sequences import is_chat_source, prepare_sequences
     from logitcache.read.reader import CacheReader
+    from trainer.attention import check_packing_support
     from trainer.commands.distill import check_cache
     from trainer.data import load_causal_lm, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_cache, evaluate_sequences, evaluate_windows
@@ -80,6 +81,8 @@ def run(args) -> int:
     env = init_distributed(args.device)
     model = load_causal_lm(args.model, "--model").to(env.device)
     vocab = logits_vocab(model, tokenizer, "--model")
+    if reader is not None and reader.manifest.packed:
+        check_packing_support(model, f"--model {args.model}")
 
     result: dict = {"model": str(args.model), "seq_len": seq_len}
     if reader is not None:

@@ -39,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--truncation", default="drop", choices=("drop", "right", "split"),
                    help="chat data: conversations longer than --seq-len + 1 tokens are dropped, cut, or split "
                         "(default %(default)s)")
+    p.add_argument("--packing", action="store_true",
+                   help="chat data: pack consecutive conversations into rows of at most --seq-len + 1 tokens; "
+                        "positions restart and attention stays inside each (eager, sdpa, flash_attention_2/3)")
     p.add_argument("--logits-chunk", type=int, default=1024,
                    help="positions per float32 log-softmax chunk, 0 = all at once (default %(default)s)")
     add_train_arguments(p)
@@ -119,8 +122,9 @@ def make_ce_loss(vocab: int, chunk_size: int | None = 1024):
 def run(args) -> int:
     import torch
 
-    from logitcache.data import prepare_windows, tokenizer_fingerprint
+    from logitcache.data import pack_sequences, prepare_windows, tokenizer_fingerprint
     from logitcache.data.sequences import is_chat_source, prepare_sequences
+    from trainer.attention import check_packing_support
     from trainer.data import SequenceBatches, WindowBatches, load_tokenizer, logits_vocab
     from trainer.evaluate import evaluate_sequences, evaluate_windows
     from trainer.loop import init_distributed, preflight, train
@@ -139,6 +143,9 @@ def run(args) -> int:
     # Rank 0 tokenizes first so the others load its windows instead of racing to write them.
     windows = eval_windows = None
     chat = is_chat_source(args.data)
+    if args.packing and not chat:
+        raise UserError(f"--packing: {args.data} reads as plain text, whose windows are already packed end to end; "
+                        "it packs conversations")
     template = Path(args.chat_template).read_text() if args.chat_template else None
     for turn in ((0,) if env.world == 1 else (0, 1)):
         if (turn == 0) == env.is_main:
@@ -146,6 +153,7 @@ def run(args) -> int:
                 windows = prepare_sequences(args.data, tokenizer, args.seq_len, Path(args.work),
                                             chat_template=template, train_on=args.train_on,
                                             truncation=args.truncation, max_rows=args.max_windows)
+                windows = pack_sequences(windows) if args.packing else windows
             else:
                 windows = prepare_windows(args.data, tokenizer, args.seq_len, Path(args.work),
                                           text_column=args.text_column, max_windows=args.max_windows)
@@ -170,6 +178,8 @@ def run(args) -> int:
 
     model = build_model(args.model, tokenizer, cfg.seed)
     vocab = logits_vocab(model, tokenizer, "--model", warn)
+    if args.packing:
+        check_packing_support(model, f"--model {args.model}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and args.seq_len > max_pos:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings {max_pos}")
