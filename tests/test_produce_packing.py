@@ -44,7 +44,7 @@ def caches(tmp_path_factory, chat_teacher, chat_data):
     return made
 
 
-def test_a_packed_cache_holds_each_conversation_as_computed_alone(caches):
+def test_a_packed_cache_holds_each_conversation_as_computed_alone(capsys, caches, chat_teacher, chat_data):
     plain, packed = manifest(caches["plain"]), manifest(caches["packed"])
     p, d = plain["data"], packed["data"]
     assert packed["format_version"] == 3 and plain["format_version"] == 2 and packed["key"] != plain["key"]
@@ -72,6 +72,12 @@ def test_a_packed_cache_holds_each_conversation_as_computed_alone(caches):
     assert j == p["num_windows"]
     batch = next(CacheReader(caches["packed"]).iter_batches(4))
     assert batch["position_ids"].shape == batch["input_ids"].shape == batch["document_ids"].shape
+    # the same command finds the same cache and writes nothing
+    files = {f: f.stat().st_mtime_ns for f in caches["packed"].iterdir()}
+    rc, made, err = produce(capsys, "--teacher", str(chat_teacher), "--data", str(chat_data),
+                            "--out", str(caches["packed"].parent), "--encoding", "fp32", *SMALL, "--packing")
+    assert rc == 0 and made == [caches["packed"]], err
+    assert {f: f.stat().st_mtime_ns for f in caches["packed"].iterdir()} == files
 
 
 def test_the_trainer_sees_packed_rows_as_conversations_alone(capsys, tmp_path, caches, chat_tokenizer_dir):
