@@ -19,7 +19,7 @@ ENCODINGS = {
     "fp16": ["--encoding", "fp16"],
     "compact": ["--encoding", "compact"],
     "adaptive": ["--encoding", "adaptive", "--encoding-param", "p=0.5"],
-    "sampled": ["--encoding", "sampled", "--encoding-param", "S=6", "--backend", "hf"],
+    "sampled": ["--encoding", "sampled", "--encoding-param", "S=8", "--backend", "hf"],   # S is SMALL's --k
 }
 
 

@@ -137,7 +137,7 @@ def test_a_samples_cache_draws_at_loss_positions_whatever_the_batching(capsys, t
     draws = {}
     for batch in ("1", "4"):
         rc, (cache,), err = produce(capsys, "--teacher", str(chat_teacher), "--data", str(chat_data),
-                                    "--out", str(tmp_path / batch), "--encoding", "sampled", "--encoding-param", "S=6",
+                                    "--out", str(tmp_path / batch), "--encoding", "sampled", "--encoding-param", "S=8",
                                     *SMALL[:6], "--batch-size", batch, "--no-progress", "--backend", "hf")
         assert rc == 0, err
         assert manifest(cache)["payload"] == "samples"
@@ -145,7 +145,7 @@ def test_a_samples_cache_draws_at_loss_positions_whatever_the_batching(capsys, t
     one, four = draws["1"], draws["4"]
     assert np.array_equal(one["loss_mask"], four["loss_mask"]) and np.array_equal(one["input_ids"], four["input_ids"])
     mask = one["loss_mask"]
-    assert (one["sample_counts"][mask].sum(-1) == 6).all() and not one["sample_counts"][~mask].any()
+    assert (one["sample_counts"][mask].sum(-1) == 8).all() and not one["sample_counts"][~mask].any()
     # the same uniforms per row (keyed by its id): the same draws, bar a float32 rounding at a boundary
     same = (one["sample_ids"][mask] == four["sample_ids"][mask]).all(-1)
     assert same.mean() > 0.99

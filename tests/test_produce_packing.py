@@ -123,10 +123,11 @@ def test_packing_refusals_are_one_line_and_write_nothing(capsys, tmp_path, cache
                          "--out", str(tmp_path / "kd"), *STEPS]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "uses flex_attention" in err and not (tmp_path / "kd").exists()
-    # axolotl's rows have no document boundaries
-    assert main(["export", "--to", "axolotl", str(caches["packed"]), str(tmp_path / "ax")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "without --packing" in err and not (tmp_path / "ax").exists()
+    # axolotl's and DistillKit's rows have no document boundaries
+    for tool in ("axolotl", "distillkit"):
+        assert main(["export", "--to", tool, str(caches["packed"]), str(tmp_path / tool)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "without --packing" in err and not (tmp_path / tool).exists()
 
 
 def test_packed_rows_are_checked_when_written_and_read(tmp_path, caches):

@@ -166,6 +166,9 @@ def export_distillkit(settings: ExportSettings) -> dict:
     if reader.sampled:
         raise UserError(f"{reader.path}: a samples cache (draws and counts, no top-k log-probs) has nothing "
                         "DistillKit's offline teacher reads; export a top-k cache")
+    if reader.manifest.packed:   # DistillKit's rows would carry no boundaries: attention would cross them
+        raise UserError(f"{reader.path}: packed rows (several conversations a row) have no boundaries in "
+                        "DistillKit's rows; export a cache made without --packing")
     cfg = resolve_config(settings.config, reader)
     refuse_existing(out, "export")
     if not out.parent.is_dir():
